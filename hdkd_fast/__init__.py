@@ -1,0 +1,27 @@
+"""hdkd_fast: fused dense knowledge distillation for multi-exit networks.
+
+Public API (DESIGN §5): :func:`dense_kd_losses`, :func:`dense_kd`, :class:`DenseKD`,
+:class:`KDLosses`, :class:`LossWeights`, :func:`available_backends`, and the readable baseline
+:class:`hdkd_fast.reference.DenseKD`.
+"""
+
+from . import reference
+from ._pairs import pair_mask
+from ._types import KDLosses, LossWeights
+from .backends import BACKENDS, available_backends
+from .functional import dense_kd, dense_kd_losses
+from .modules import DenseKD
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "DenseKD",
+    "KDLosses",
+    "LossWeights",
+    "available_backends",
+    "dense_kd",
+    "dense_kd_losses",
+    "pair_mask",
+    "reference",
+]

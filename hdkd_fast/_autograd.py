@@ -1,0 +1,200 @@
+"""The autograd wrapper every backend plugs into.
+
+One ``torch.autograd.Function`` in the torch.func style (``forward`` + ``setup_context``,
+``backward``, ``vmap``; ``jvp`` on the eager subclass) computes, in one backend call, the
+per-objective losses, the weighted objective and its logits gradient. Outputs:
+``(ce, kd, loss, grad)``, where ``grad`` is returned (not hidden in ``ctx``) so that the
+torch.func transforms see every saved intermediate; it is non-differentiable.
+
+Backward:
+- ``dense_kd`` (only the scalar ``loss`` is used, no ``create_graph``): the kept gradient is
+  scaled by ``grad_output``: no recomputation, no host sync;
+- any other use of the per-objective outputs: one backend call with the grad-outputs as the
+  objective weights;
+- under ``create_graph=True`` (grad mode on inside backward): the gradient is recomputed with the
+  differentiable ``"torch"`` backend, so second derivatives (including the mixed
+  ∂²L/∂z∂w the bilevel ``"exact"`` hypergradient needs) are exact.
+
+Dynamo cannot trace a Function with a custom ``jvp``; under ``torch.compile`` the base class
+(same forward, backward and vmap) is used, eagerly the subclass that adds ``jvp``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._pairs import PairMask
+from ._validation import check_target_values
+from .backends import get_backend, torch_backend
+
+
+class OpSpec(NamedTuple):
+    """The non-tensor arguments of the op (hashable, so torch.compile treats them as constants)."""
+
+    backend: str
+    temperature: float
+    mask: PairMask
+    detach_teacher: bool
+    ignore_index: int
+    reduction: str
+    stacked: bool  # one Tensor[K, B, C] rather than K Tensor[B, C]
+    compute_grad: bool  # weighted call whose logits will need a gradient: compute it in forward
+
+
+def _weighted_sum(weight: Tensor, values: Tensor) -> Tensor:
+    """``sum(weight * values)``; per-objective weights broadcast over a trailing row axis."""
+    w = weight.to(values.dtype)
+    return (w.reshape(w.shape + (1,) * (values.dim() - w.dim())) * values).sum()
+
+
+def _combine(g_loss: Tensor | None, weight: Tensor | None, g: Tensor | None, rows: bool) -> Tensor | None:
+    """Objective weights seen by backward: ``g_loss * weight + g`` (missing terms dropped)."""
+    terms = []
+    if g_loss is not None and weight is not None:
+        w = g_loss * weight
+        terms.append(w.unsqueeze(-1) if rows else w)
+    if g is not None:
+        terms.append(g)
+    if not terms:
+        return None
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+class DenseKDFunction(torch.autograd.Function):
+    """``apply(spec, target, ce_weight, kd_weight, *logits) -> (ce, kd, loss, grad)``.
+
+    ``ce_weight``/``kd_weight`` are ``None`` for the unweighted :func:`dense_kd_losses` (then
+    ``loss`` is 0 and ``grad`` empty); ``ce`` is empty when ``target`` is ``None``.
+    """
+
+    @staticmethod
+    def forward(spec: OpSpec, target: Tensor | None, ce_weight: Tensor | None, kd_weight: Tensor | None,
+                *logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x = logits[0] if spec.stacked else logits
+        if target is not None and not torch.compiler.is_compiling():
+            check_target_values(target, logits[0].shape[-1], spec.ignore_index)
+        weighted = ce_weight is not None and kd_weight is not None
+        ce, kd, grad = get_backend(spec.backend).losses_and_grad(
+            x, target, ce_weight if target is not None else None, kd_weight,
+            temperature=spec.temperature, mask=spec.mask, detach_teacher=spec.detach_teacher,
+            ignore_index=spec.ignore_index, reduction=spec.reduction,
+            compute_grad=spec.compute_grad and weighted,
+        )
+        loss = kd.new_zeros(())
+        if weighted:
+            assert kd_weight is not None and ce_weight is not None
+            loss = _weighted_sum(kd_weight, kd)
+            if ce is not None:
+                loss = loss + _weighted_sum(ce_weight, ce)
+        return (
+            ce if ce is not None else kd.new_zeros(0),
+            kd,
+            loss,
+            grad if grad is not None else logits[0].new_zeros(0),
+        )
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        spec, target, ce_weight, kd_weight, *logits = inputs
+        ce, kd, _, grad = output
+        ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)
+        ctx.spec = spec
+        ctx.save_for_backward(target, ce_weight, kd_weight, ce, kd, grad, *logits)
+
+    @staticmethod
+    def backward(ctx: Any, g_ce: Tensor | None, g_kd: Tensor | None, g_loss: Tensor | None,
+                 _g_grad: Tensor | None) -> tuple[Tensor | None, ...]:
+        spec: OpSpec = ctx.spec
+        target, ce_weight, kd_weight, ce, kd, grad, *logits = ctx.saved_tensors
+        d_ce_w = d_kd_w = None
+        if g_loss is not None:
+            if ctx.needs_input_grad[2] and ce_weight is not None:
+                d_ce_w = (g_loss * ce).to(ce_weight.dtype) if target is not None else torch.zeros_like(ce_weight)
+            if ctx.needs_input_grad[3] and kd_weight is not None:
+                d_kd_w = (g_loss * kd).to(kd_weight.dtype)
+        d_logits: tuple[Tensor | None, ...] = (None,) * len(logits)
+        if any(ctx.needs_input_grad[4:]):
+            g = _logits_grad(spec, target, ce_weight, kd_weight, grad, logits, g_ce, g_kd, g_loss)
+            d_logits = (g,) if spec.stacked else g.unbind(0)
+        return (None, None, d_ce_w, d_kd_w, *d_logits)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], spec: OpSpec, *args: Tensor | None
+             ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        """Batching rule: the op once per slice of the vmapped dimension, outputs stacked on dim 0."""
+        outputs = []
+        for i in range(info.batch_size):
+            sliced = [a if d is None or a is None else a.select(d, i) for a, d in zip(args, in_dims[1:])]
+            outputs.append(function_class().apply(spec, *sliced))
+        return tuple(torch.stack(out) for out in zip(*outputs)), (0, 0, 0, 0)
+
+
+def _logits_grad(spec: OpSpec, target: Tensor | None, ce_weight: Tensor | None, kd_weight: Tensor | None,
+                 grad: Tensor, logits: list[Tensor], g_ce: Tensor | None, g_kd: Tensor | None,
+                 g_loss: Tensor | None) -> Tensor:
+    """Gradient w.r.t. the stacked logits for the given grad-outputs."""
+    differentiable = torch.is_grad_enabled()
+    if not differentiable and g_ce is None and g_kd is None and g_loss is not None and grad.numel():
+        return grad * g_loss
+    rows = spec.reduction == "none"
+    w_ce = _combine(g_loss, ce_weight, g_ce, rows) if target is not None else None
+    w_kd = _combine(g_loss, kd_weight, g_kd, rows)
+    first = logits[0]
+    if w_ce is None and w_kd is None:
+        return first.new_zeros(first.shape if spec.stacked else (len(logits), *first.shape))
+    impl = torch_backend if differentiable else get_backend(spec.backend)
+    _, _, g = impl.losses_and_grad(
+        first if spec.stacked else tuple(logits), target, w_ce, w_kd,
+        temperature=spec.temperature, mask=spec.mask, detach_teacher=spec.detach_teacher,
+        ignore_index=spec.ignore_index, reduction=spec.reduction, compute_grad=True,
+    )
+    assert g is not None
+    return g
+
+
+class DenseKDFunctionWithJvp(DenseKDFunction):
+    """:class:`DenseKDFunction` plus forward-mode AD (used outside ``torch.compile``)."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        DenseKDFunction.setup_context(ctx, inputs, output)
+        spec, target, ce_weight, kd_weight, *logits = inputs
+        ce, kd, _, _ = output
+        ctx.save_for_forward(target, ce_weight, kd_weight, ce, kd, *logits)
+
+    @staticmethod
+    def jvp(ctx: Any, _spec_t: None, _target_t: Tensor | None, ce_weight_t: Tensor | None,
+            kd_weight_t: Tensor | None, *logits_t: Tensor | None) -> tuple[Tensor | None, ...]:
+        r"""Tangents of ``(ce, kd, loss)``: the objectives' JVP along the logit tangents, and
+        :math:`dL = \sum \alpha\, d\mathrm{ce} + \sum \gamma\, d\mathrm{kd} + \sum d\alpha\,\mathrm{ce}
+        + \sum d\gamma\,\mathrm{kd}`."""
+        spec: OpSpec = ctx.spec
+        target, ce_weight, kd_weight, ce, kd, *logits = ctx.saved_tensors
+        d_ce, d_kd = torch.zeros_like(ce), torch.zeros_like(kd)
+        if any(t is not None for t in logits_t):
+            tangents = [t if t is not None else torch.zeros_like(x) for t, x in zip(logits_t, logits)]
+            jvp_ce, d_kd = get_backend(spec.backend).jvp(
+                logits[0] if spec.stacked else logits, tangents[0] if spec.stacked else tangents, target,
+                temperature=spec.temperature, mask=spec.mask, detach_teacher=spec.detach_teacher,
+                ignore_index=spec.ignore_index, reduction=spec.reduction,
+            )
+            d_ce = jvp_ce if jvp_ce is not None else d_ce
+        d_loss = torch.zeros((), dtype=kd.dtype, device=kd.device)
+        if ce_weight is not None and kd_weight is not None:
+            d_loss = d_loss + _weighted_sum(kd_weight, d_kd)
+            if kd_weight_t is not None:
+                d_loss = d_loss + _weighted_sum(kd_weight_t, kd)
+            if target is not None:
+                d_loss = d_loss + _weighted_sum(ce_weight, d_ce)
+                if ce_weight_t is not None:
+                    d_loss = d_loss + _weighted_sum(ce_weight_t, ce)
+        return d_ce, d_kd, d_loss, None
+
+
+def function_class() -> type[DenseKDFunction]:
+    """The Function to apply: without the custom ``jvp`` while torch.compile traces."""
+    return DenseKDFunction if torch.compiler.is_compiling() else DenseKDFunctionWithJvp

@@ -1,0 +1,151 @@
+"""Argument checks of the public loss API: every error names the argument at fault."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import NamedTuple, Union
+
+import torch
+from torch import Tensor
+
+Logits = Union[Tensor, Sequence[Tensor]]
+"""``Tensor[K, B, C]`` or a sequence of K ``Tensor[B, C]``."""
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class LogitsInfo(NamedTuple):
+    """Normalized logits: the tensors handed to the op and their common geometry."""
+
+    tensors: tuple[Tensor, ...]  # (stacked [K, B, C],) or K tensors [B, C]
+    stacked: bool
+    num_exits: int
+    batch: int
+    classes: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+def check_logits(logits: Logits) -> LogitsInfo:
+    """Validate ``logits`` (rank, agreement of the exits in B, C, dtype and device)."""
+    if isinstance(logits, Tensor):
+        if logits.dim() != 3:
+            raise ValueError(
+                "logits must be a Tensor[K, B, C] or a sequence of K Tensor[B, C]; "
+                f"got a {logits.dim()}-D tensor of shape {list(logits.shape)}"
+            )
+        _check_float(logits, "logits")
+        k, b, c = logits.shape
+        tensors: tuple[Tensor, ...] = (logits,)
+        stacked = True
+    elif isinstance(logits, Sequence) and not isinstance(logits, (str, bytes)):
+        tensors = tuple(logits)
+        if not tensors:
+            raise ValueError("logits must hold at least one exit (K >= 1); got an empty sequence")
+        for k_, t in enumerate(tensors):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"logits[{k_}] must be a Tensor; got {type(t).__name__}")
+            if t.dim() != 2:
+                raise ValueError(f"logits[{k_}] must be a Tensor[B, C]; got shape {list(t.shape)}")
+            _check_float(t, f"logits[{k_}]")
+        first = tensors[0]
+        for k_, t in enumerate(tensors[1:], start=1):
+            if t.shape != first.shape:
+                raise ValueError(
+                    f"logits[{k_}] has shape {list(t.shape)} but logits[0] has {list(first.shape)}: "
+                    "every exit must share B and C"
+                )
+            if t.dtype != first.dtype:
+                raise TypeError(f"logits[{k_}] has dtype {t.dtype} but logits[0] has {first.dtype}")
+            if t.device != first.device:
+                raise ValueError(f"logits[{k_}] is on {t.device} but logits[0] is on {first.device}")
+        k = len(tensors)
+        b, c = first.shape
+        stacked = False
+    else:
+        raise TypeError(
+            f"logits must be a Tensor[K, B, C] or a sequence of K Tensor[B, C]; got {type(logits).__name__}"
+        )
+    if k < 1:
+        raise ValueError("logits must hold at least one exit (K >= 1); got K = 0")
+    if b < 1 or c < 1:
+        raise ValueError(f"logits must have B >= 1 rows and C >= 1 classes; got B = {b}, C = {c}")
+    return LogitsInfo(tensors, stacked, int(k), int(b), int(c), tensors[0].dtype, tensors[0].device)
+
+
+def _check_float(t: Tensor, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
+
+
+def check_target(target: Tensor | None, info: LogitsInfo) -> None:
+    """Validate the shape, dtype and device of ``target`` (its values are checked by the op)."""
+    if target is None:
+        return
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be an integer Tensor[B] or None; got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices; got dtype {target.dtype}")
+    if target.shape != (info.batch,):
+        raise ValueError(f"target must have shape [B] = [{info.batch}]; got {list(target.shape)}")
+    if target.device != info.device:
+        raise ValueError(f"target is on {target.device} but logits are on {info.device}")
+
+
+def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise when a label is outside ``[0, C)`` and is not ``ignore_index`` (one host sync)."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        first = int(target[bad][0])
+        raise ValueError(
+            f"target holds label {first} outside [0, {num_classes}) that is not ignore_index={ignore_index}"
+        )
+
+
+def check_temperature(temperature: float) -> float:
+    """A finite, positive real number."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number; got {type(temperature).__name__}")
+    value = float(temperature)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"temperature must be finite and > 0; got {temperature}")
+    return value
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    return reduction
+
+
+def check_ignore_index(ignore_index: int) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+    return int(ignore_index)
+
+
+def check_weight(
+    weight: float | Tensor, name: str, shape: tuple[int, ...], info: LogitsInfo
+) -> Tensor | float:
+    """A real number, or a floating tensor of exactly ``shape`` on the logits' device."""
+    if isinstance(weight, Tensor):
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor; got dtype {weight.dtype}")
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}; got {list(weight.shape)}")
+        if weight.device != info.device:
+            raise ValueError(f"{name} is on {weight.device} but logits are on {info.device}")
+        return weight
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        raise TypeError(f"{name} must be a real number or a Tensor{list(shape)}; got {type(weight).__name__}")
+    if not math.isfinite(float(weight)):
+        raise ValueError(f"{name} must be finite; got {weight}")
+    return float(weight)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; float32/float16/bfloat16 accumulate in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

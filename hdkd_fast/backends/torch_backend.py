@@ -1,0 +1,188 @@
+r"""The ``"torch"`` backend: every objective and its gradient as a few batched tensor ops.
+
+No Python loop over exit pairs: all K log-softmaxes are taken at once and the K×K cross terms of
+each row, :math:`X[i, j, b] = \sum_c p_j[b, c] \log p_i[b, c]`, come from one batched matmul
+(``einsum``). With :math:`p_k = \mathrm{softmax}(z_k / T)` and :math:`q_k = \mathrm{softmax}(z_k)`:
+
+.. math::
+    \mathrm{ce}[k, b] &= -\log q_k[b, y_b] \quad (0 \text{ on ignored rows}) \\
+    \mathrm{KL}[i, j, b] &= \textstyle\sum_c p_j \log p_j - X[i, j, b], \qquad
+    \mathrm{kd}[i, j, b] = T^2 \, \mathrm{KL}[i, j, b] \, m_{ij}
+
+The weighted objective :math:`L = \sum_k \alpha_k \mathrm{ce}_k + \sum_{ij} \gamma_{ij} \mathrm{kd}_{ij}`
+(after reduction) has the logits gradient (``r`` = the reduction's row scale)
+
+.. math::
+    \partial L / \partial z_i = \alpha_i r_{ce} (q_i - e_{y}) + T r_{kd}
+        \big(\textstyle\sum_j \gamma_{ij} \, p_i - \sum_j \gamma_{ij} p_j\big)
+        \;[+\; T r_{kd}\, p_i \odot \textstyle\sum_s \gamma_{si} (\log p_i - \log p_s - \mathrm{KL}_{si})
+        \text{ when the teacher is not detached}]
+
+Every function here is made of differentiable PyTorch ops, so the same code is the analytic fast
+path (under ``no_grad``) and the differentiable fallback used for double backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._pairs import PairMask, mask_tensor
+from .._validation import accumulation_dtype
+
+NAME = "torch"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Always usable: plain PyTorch runs on every device."""
+    return None
+
+
+class _Rows(NamedTuple):
+    """Per-row quantities shared by the losses, the gradient and the JVP."""
+
+    logp: Tensor  # [K, B, C] log softmax(z / T)
+    p: Tensor  # [K, B, C] softmax(z / T)
+    logq: Tensor | None  # [K, B, C] log softmax(z), when a target is given
+    valid: Tensor | None  # [B] rows whose label is not ignore_index
+    index: Tensor | None  # [K, B, 1] label per row (0 on ignored rows), for gather / scatter
+    r_ce: Tensor | float  # CE row scale of the reduction: 1 / max(#valid, 1) for "mean"
+    r_kd: float  # KD row scale of the reduction: 1 / B for "mean"
+
+
+def _stack(logits: Tensor | Sequence[Tensor]) -> Tensor:
+    return logits if isinstance(logits, Tensor) else torch.stack(tuple(logits))
+
+
+def _rows(z: Tensor, target: Tensor | None, temperature: float, ignore_index: int, reduction: str) -> _Rows:
+    k, b, _ = z.shape
+    logp = torch.log_softmax(z / temperature, dim=-1)
+    p = logp.exp()
+    logq = valid = index = None
+    r_ce: Tensor | float = 1.0
+    if target is not None:
+        logq = logp if temperature == 1.0 else torch.log_softmax(z, dim=-1)
+        valid = target != ignore_index
+        index = torch.where(valid, target, 0).view(1, b, 1).expand(k, b, 1)
+        if reduction == "mean":
+            r_ce = 1.0 / valid.sum().clamp(min=1).to(z.dtype)
+    r_kd = 1.0 / b if reduction == "mean" else 1.0
+    return _Rows(logp, p, logq, valid, index, r_ce, r_kd)
+
+
+def _reduce(rows: Tensor, scale: Tensor | float, reduction: str) -> Tensor:
+    """Reduce the trailing row dimension: mean (row scale given), sum, or none."""
+    return rows if reduction == "none" else rows.sum(-1) * scale
+
+
+def _pair_kl(r: _Rows) -> Tensor:
+    """``KL[i, j, b] = sum_c p_j (log p_j - log p_i)`` for every pair, as one batched matmul."""
+    neg_entropy = (r.p * r.logp).sum(-1)  # [K(j), B]
+    cross = torch.einsum("jbc,ibc->ijb", r.p, r.logp)  # sum_c p_j log p_i
+    return neg_entropy.unsqueeze(0) - cross
+
+
+def _mix(w: Tensor, t: Tensor) -> Tensor:
+    """``out[i] = sum_j w[i, j] * t[j]`` over the exit axis; ``w`` is ``[K, K, 1]`` or per row ``[K, K, B]``."""
+    if w.shape[-1] == 1:
+        return torch.einsum("ij,jbc->ibc", w[..., 0], t)
+    return torch.einsum("ijb,jbc->ibc", w, t)
+
+
+def _expand_rows(w: Tensor, dims: int) -> Tensor:
+    """Per-objective weights ([K] or [K, K]) gain a trailing row axis to match per-row ones."""
+    return w.unsqueeze(-1) if w.dim() == dims else w
+
+
+def losses_and_grad(
+    logits: Tensor | Sequence[Tensor],
+    target: Tensor | None,
+    ce_weight: Tensor | None,
+    kd_weight: Tensor | None,
+    *,
+    temperature: float,
+    mask: PairMask,
+    detach_teacher: bool,
+    ignore_index: int,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """Per-objective losses and, when ``compute_grad``, the gradient of the weighted objective.
+
+    ``logits``: ``Tensor[K, B, C]`` or K ``Tensor[B, C]``. ``ce_weight``: ``[K]`` or per row ``[K, B]``;
+    ``kd_weight``: ``[K, K]`` or per row ``[K, K, B]``; ``None`` drops that term from the gradient.
+    Returns ``(ce, kd, grad)``: ``ce`` (``None`` without a target) and ``kd`` in the accumulation
+    dtype (float32, or float64 for float64 input), ``grad`` a ``Tensor[K, B, C]`` in the input dtype.
+    """
+    x = _stack(logits)
+    z = x.to(accumulation_dtype(x.dtype))
+    r = _rows(z, target, temperature, ignore_index, reduction)
+    m = mask_tensor(mask, dtype=z.dtype, device=z.device)
+    kl = _pair_kl(r)
+    kd = _reduce(temperature**2 * kl * m.unsqueeze(-1), r.r_kd, reduction)
+    ce = None
+    if r.logq is not None and r.index is not None and r.valid is not None:
+        nll = -r.logq.gather(-1, r.index).squeeze(-1) * r.valid
+        ce = _reduce(nll, r.r_ce, reduction)
+    if not compute_grad:
+        return ce, kd, None
+
+    grad = torch.zeros_like(z)
+    if kd_weight is not None:
+        w = _expand_rows(kd_weight.to(z.dtype), 2) * m.unsqueeze(-1)  # [K, K, 1 or B]
+        scale = temperature * r.r_kd
+        student = w.sum(1).unsqueeze(-1) * r.p - _mix(w, r.p)
+        grad = grad + scale * student
+        if not detach_teacher:
+            mixed_logp = _mix(w.transpose(0, 1), r.logp)
+            weighted_kl = (w * kl).sum(0)  # [K(j), B]
+            teacher = r.p * (w.sum(0).unsqueeze(-1) * r.logp - mixed_logp - weighted_kl.unsqueeze(-1))
+            grad = grad + scale * teacher
+    if ce_weight is not None and r.logq is not None and r.index is not None and r.valid is not None:
+        wc = _expand_rows(ce_weight.to(z.dtype), 1) * r.valid * r.r_ce  # [K, B]
+        q = r.logq.exp().scatter_add(-1, r.index, -torch.ones_like(r.index, dtype=z.dtype))
+        grad = grad + wc.unsqueeze(-1) * q
+    return ce, kd, grad.to(x.dtype)
+
+
+def jvp(
+    logits: Tensor | Sequence[Tensor],
+    tangents: Tensor | Sequence[Tensor],
+    target: Tensor | None,
+    *,
+    temperature: float,
+    mask: PairMask,
+    detach_teacher: bool,
+    ignore_index: int,
+    reduction: str,
+) -> tuple[Tensor | None, Tensor]:
+    r"""Forward-mode derivative of every objective along the logit tangents ``dz``.
+
+    .. math::
+        d\,\mathrm{ce}[k] = r \textstyle\sum_b \langle q_k - e_{y_b}, dz_k \rangle, \quad
+        d\,\mathrm{kd}[i, j] = T r \textstyle\sum_b \langle p_i - p_j, dz_i \rangle
+        \;[+\; T r \textstyle\sum_b \langle p_j \odot (\log p_j - \log p_i - \mathrm{KL}_{ij}), dz_j\rangle]
+    """
+    x = _stack(logits)
+    z = x.to(accumulation_dtype(x.dtype))
+    dz = _stack(tangents).to(z.dtype)
+    r = _rows(z, target, temperature, ignore_index, reduction)
+    m = mask_tensor(mask, dtype=z.dtype, device=z.device)
+    own = (r.p * dz).sum(-1)  # <p_i, dz_i>: [K, B]
+    rows = temperature * (own.unsqueeze(1) - torch.einsum("jbc,ibc->ijb", r.p, dz))
+    if not detach_teacher:
+        p_dz = r.p * dz
+        rows = rows + temperature * (
+            (p_dz * r.logp).sum(-1).unsqueeze(0)  # <p_j log p_j, dz_j>
+            - torch.einsum("ibc,jbc->ijb", r.logp, p_dz)  # <p_j log p_i, dz_j>
+            - _pair_kl(r) * own.unsqueeze(0)  # KL_ij <p_j, dz_j>
+        )
+    dkd = _reduce(rows * m.unsqueeze(-1), r.r_kd, reduction)
+    dce = None
+    if r.logq is not None and r.index is not None and r.valid is not None:
+        ce_rows = (r.logq.exp() * dz).sum(-1) - dz.gather(-1, r.index).squeeze(-1)
+        dce = _reduce(ce_rows * r.valid, r.r_ce, reduction)
+    return dce, dkd
