@@ -128,9 +128,9 @@ class DenseKDFunction(torch.autograd.Function):
         """Batching rule: the op once per slice of the vmapped dimension, outputs stacked on dim 0."""
         outputs = []
         for i in range(info.batch_size):
-            sliced = [a if d is None or a is None else a.select(d, i) for a, d in zip(args, in_dims[1:])]
+            sliced = [a if d is None or a is None else a.select(d, i) for a, d in zip(args, in_dims[1:], strict=True)]
             outputs.append(function_class().apply(spec, *sliced))
-        return tuple(torch.stack(out) for out in zip(*outputs)), (0, 0, 0, 0)
+        return tuple(torch.stack(out) for out in zip(*outputs, strict=True)), (0, 0, 0, 0)
 
 
 def _logits_grad(spec: OpSpec, target: Tensor | None, ce_weight: Tensor | None, kd_weight: Tensor | None,
@@ -162,7 +162,7 @@ class DenseKDFunctionWithJvp(DenseKDFunction):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         DenseKDFunction.setup_context(ctx, inputs, output)
-        spec, target, ce_weight, kd_weight, *logits = inputs
+        _, target, ce_weight, kd_weight, *logits = inputs
         ce, kd, _, _ = output
         ctx.save_for_forward(target, ce_weight, kd_weight, ce, kd, *logits)
 
@@ -176,7 +176,7 @@ class DenseKDFunctionWithJvp(DenseKDFunction):
         target, ce_weight, kd_weight, ce, kd, *logits = ctx.saved_tensors
         d_ce, d_kd = torch.zeros_like(ce), torch.zeros_like(kd)
         if any(t is not None for t in logits_t):
-            tangents = [t if t is not None else torch.zeros_like(x) for t, x in zip(logits_t, logits)]
+            tangents = [t if t is not None else torch.zeros_like(x) for t, x in zip(logits_t, logits, strict=True)]
             jvp_ce, d_kd = get_backend(spec.backend).jvp(
                 logits[0] if spec.stacked else logits, tangents[0] if spec.stacked else tangents, target,
                 temperature=spec.temperature, mask=spec.mask, detach_teacher=spec.detach_teacher,

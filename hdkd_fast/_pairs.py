@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 from torch import Tensor
 
-PairSpec = Union[str, Tensor]
+PairSpec = str | Tensor
 """``"dense"``, ``"last"``, ``"adjacent"`` or a boolean ``Tensor[K, K]`` mask."""
 
 PairMask = tuple[tuple[bool, ...], ...]

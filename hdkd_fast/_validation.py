@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-Logits = Union[Tensor, Sequence[Tensor]]
+Logits = Tensor | Sequence[Tensor]
 """``Tensor[K, B, C]`` or a sequence of K ``Tensor[B, C]``."""
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

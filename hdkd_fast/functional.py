@@ -100,7 +100,8 @@ def dense_kd(
     (entries outside the selected pairs have no effect). Other arguments as :func:`dense_kd_losses`
     with ``reduction="mean"``. The forward computes the logits gradient together with the losses when
     the logits require grad, so backward only scales it. Differentiable w.r.t. the weights too:
-    :math:`\partial L / \partial \alpha_k = \mathrm{ce}[k]`, :math:`\partial L / \partial \gamma_{ij} = \mathrm{kd}[i, j]`.
+    :math:`\partial L / \partial \alpha_k = \mathrm{ce}[k]` and
+    :math:`\partial L / \partial \gamma_{ij} = \mathrm{kd}[i, j]`.
     """
     info = check_logits(logits)
     check_target(target, info)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Union
 
 import torch
 
@@ -23,7 +22,7 @@ _HOW_TO_GET = {
     "(pip install --no-build-isolation . with a C++ compiler, HDKD_FAST_NO_EXT unset)",
 }
 
-DeviceLike = Union[torch.device, str, None]
+DeviceLike = torch.device | str | None
 
 _modules: dict[str, ModuleType | None] = {}
 

@@ -48,7 +48,7 @@ class _Rows(NamedTuple):
     p: Tensor  # [K, B, C] softmax(z / T)
     logq: Tensor | None  # [K, B, C] log softmax(z), when a target is given
     valid: Tensor | None  # [B] rows whose label is not ignore_index
-    index: Tensor | None  # [K, B, 1] label per row (0 on ignored rows), for gather / scatter
+    label_index: Tensor | None  # [K, B, 1] label per row (0 on ignored rows), for gather / scatter
     r_ce: Tensor | float  # CE row scale of the reduction: 1 / max(#valid, 1) for "mean"
     r_kd: float  # KD row scale of the reduction: 1 / B for "mean"
 
@@ -61,16 +61,16 @@ def _rows(z: Tensor, target: Tensor | None, temperature: float, ignore_index: in
     k, b, _ = z.shape
     logp = torch.log_softmax(z / temperature, dim=-1)
     p = logp.exp()
-    logq = valid = index = None
+    logq = valid = label_index = None
     r_ce: Tensor | float = 1.0
     if target is not None:
         logq = logp if temperature == 1.0 else torch.log_softmax(z, dim=-1)
         valid = target != ignore_index
-        index = torch.where(valid, target, 0).view(1, b, 1).expand(k, b, 1)
+        label_index = torch.where(valid, target, 0).view(1, b, 1).expand(k, b, 1)
         if reduction == "mean":
             r_ce = 1.0 / valid.sum().clamp(min=1).to(z.dtype)
     r_kd = 1.0 / b if reduction == "mean" else 1.0
-    return _Rows(logp, p, logq, valid, index, r_ce, r_kd)
+    return _Rows(logp, p, logq, valid, label_index, r_ce, r_kd)
 
 
 def _reduce(rows: Tensor, scale: Tensor | float, reduction: str) -> Tensor:
@@ -124,8 +124,8 @@ def losses_and_grad(
     kl = _pair_kl(r)
     kd = _reduce(temperature**2 * kl * m.unsqueeze(-1), r.r_kd, reduction)
     ce = None
-    if r.logq is not None and r.index is not None and r.valid is not None:
-        nll = -r.logq.gather(-1, r.index).squeeze(-1) * r.valid
+    if r.logq is not None and r.label_index is not None and r.valid is not None:
+        nll = -r.logq.gather(-1, r.label_index).squeeze(-1) * r.valid
         ce = _reduce(nll, r.r_ce, reduction)
     if not compute_grad:
         return ce, kd, None
@@ -141,9 +141,9 @@ def losses_and_grad(
             weighted_kl = (w * kl).sum(0)  # [K(j), B]
             teacher = r.p * (w.sum(0).unsqueeze(-1) * r.logp - mixed_logp - weighted_kl.unsqueeze(-1))
             grad = grad + scale * teacher
-    if ce_weight is not None and r.logq is not None and r.index is not None and r.valid is not None:
+    if ce_weight is not None and r.logq is not None and r.label_index is not None and r.valid is not None:
         wc = _expand_rows(ce_weight.to(z.dtype), 1) * r.valid * r.r_ce  # [K, B]
-        q = r.logq.exp().scatter_add(-1, r.index, -torch.ones_like(r.index, dtype=z.dtype))
+        q = r.logq.exp().scatter_add(-1, r.label_index, -torch.ones_like(r.label_index, dtype=z.dtype))
         grad = grad + wc.unsqueeze(-1) * q
     return ce, kd, grad.to(x.dtype)
 
@@ -182,7 +182,7 @@ def jvp(
         )
     dkd = _reduce(rows * m.unsqueeze(-1), r.r_kd, reduction)
     dce = None
-    if r.logq is not None and r.index is not None and r.valid is not None:
-        ce_rows = (r.logq.exp() * dz).sum(-1) - dz.gather(-1, r.index).squeeze(-1)
+    if r.logq is not None and r.label_index is not None and r.valid is not None:
+        ce_rows = (r.logq.exp() * dz).sum(-1) - dz.gather(-1, r.label_index).squeeze(-1)
         dce = _reduce(ce_rows * r.valid, r.r_ce, reduction)
     return dce, dkd

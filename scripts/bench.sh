@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# README command (1), until `hdkd-fast train` exists: set up .venv and print the kernel table
+# (every available backend against the readable loop, torch.compile of it, and a softmax pass).
+# Extra arguments go to pytest, e.g. `bash scripts/bench.sh --full` on a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+mkdir -p runs
+python -m pytest bench/ -q --benchmark-json runs/bench.json "$@"
+python bench/report.py runs/bench.json

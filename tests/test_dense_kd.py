@@ -1,0 +1,332 @@
+"""dense_kd_losses / dense_kd / DenseKD against the independent float64 loop reference."""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import float64_reference as R
+import pytest
+import torch
+from torch.testing import assert_close
+
+import hdkd_fast as hk
+
+F64 = {"rtol": 1e-10, "atol": 1e-12}
+K_VALUES = (1, 2, 3, 5, 9)
+C_VALUES = (2, 7, 100, 1001)
+T_VALUES = (1.0, 2.5, 4.0)
+
+
+def draw(k: int, b: int, c: int, *, seed: int, dtype: torch.dtype = torch.float64, ignored: int = 1):
+    """Fresh random logits (scaled so softmaxes are far from uniform) and labels with ignored rows."""
+    g = torch.Generator().manual_seed(seed)
+    z = (3 * torch.randn(k, b, c, generator=g, dtype=torch.float64)).to(dtype)
+    y = torch.randint(0, c, (b,), generator=g)
+    y[torch.randperm(b, generator=g)[:ignored]] = -100
+    return z, y
+
+
+def stable_seed(*case: object) -> int:
+    """A seed per test case, stable across processes (unlike hash()), so a failure reproduces."""
+    return zlib.crc32(repr(case).encode())
+
+
+def random_mask(k: int, seed: int, upper: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(k, k, generator=g) < 0.5
+    m &= ~torch.eye(k, dtype=torch.bool)
+    return torch.triu(m, diagonal=1) if upper else m
+
+
+def mask_of(pairs, k: int) -> list[list[bool]]:
+    return R.masks(k)[pairs] if isinstance(pairs, str) else pairs.tolist()
+
+
+CASES = [
+    (k, pairs, reduction, C_VALUES[n % 4], T_VALUES[n % 3])
+    for n, (k, pairs, reduction) in enumerate(
+        itertools.product(K_VALUES, ("dense", "last", "adjacent", "random"), ("mean", "sum", "none"))
+    )
+]
+
+
+@pytest.mark.parametrize("detach_teacher", [True, False])
+@pytest.mark.parametrize(("k", "pairs", "reduction", "c", "t"), CASES)
+def test_losses_and_gradients_match_float64_reference(k, pairs, reduction, c, t, detach_teacher):
+    seed = stable_seed(k, pairs, reduction, c, t, detach_teacher)
+    z, y = draw(k, 5, c, seed=seed)
+    if pairs == "random":
+        pairs = random_mask(k, seed, upper=detach_teacher)
+    opts = dict(temperature=t, detach_teacher=detach_teacher, ignore_index=-100, reduction=reduction)
+    z_lib = z.clone().requires_grad_()
+    z_ref = z.clone().requires_grad_()
+    got = hk.dense_kd_losses(z_lib, y, pairs=pairs, backend="torch", **opts)
+    want = R.losses(z_ref, y, mask=mask_of(pairs, k), **opts)
+    assert_close(got.ce, want[0], **F64)
+    assert_close(got.kd, want[1], **F64)
+    # reverse mode with random cotangents (per-row weights in backward for reduction="none")
+    g = torch.Generator().manual_seed(seed + 1)
+    cot_ce = torch.randn(got.ce.shape, generator=g, dtype=torch.float64)
+    cot_kd = torch.randn(got.kd.shape, generator=g, dtype=torch.float64)
+    (grad_lib,) = torch.autograd.grad((got.ce * cot_ce).sum() + (got.kd * cot_kd).sum(), z_lib)
+    (grad_ref,) = torch.autograd.grad((want[0] * cot_ce).sum() + (want[1] * cot_kd).sum(), z_ref)
+    assert_close(grad_lib, grad_ref, **F64)
+
+
+@pytest.mark.parametrize("detach_teacher", [True, False])
+@pytest.mark.parametrize(("k", "c", "t", "pairs"), [(1, 7, 2.5, "dense"), (3, 2, 1.0, "last"), (5, 100, 4.0, "dense"),
+                                                     (9, 1001, 2.5, "adjacent"), (4, 33, 4.0, "random")])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_jvp_matches_float64_reference(k, c, t, pairs, detach_teacher, reduction):
+    seed = stable_seed(k, c, t, pairs, detach_teacher, reduction)
+    z, y = draw(k, 7, c, seed=seed, ignored=2)
+    dz = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
+    if pairs == "random":
+        pairs = random_mask(k, seed, upper=detach_teacher)
+    opts = dict(temperature=t, detach_teacher=detach_teacher, reduction=reduction)
+    _, tan = torch.func.jvp(lambda x: tuple(hk.dense_kd_losses(x, y, pairs=pairs, **opts)), (z,), (dz,))
+    _, tan_ref = torch.func.jvp(lambda x: R.losses(x, y, mask=mask_of(pairs, k), **opts), (z,), (dz,))
+    assert_close(tan[0], tan_ref[0], **F64)
+    assert_close(tan[1], tan_ref[1], **F64)
+
+
+@pytest.mark.parametrize("detach_teacher", [True, False])
+@pytest.mark.parametrize("with_target", [True, False])
+def test_weighted_loss_gradients_and_weight_gradients(detach_teacher, with_target):
+    k, c = 5, 13
+    z, y = draw(k, 9, c, seed=11)
+    y = y if with_target else None
+    g = torch.Generator().manual_seed(3)
+    ce_w = torch.rand(k, generator=g, dtype=torch.float64).requires_grad_()
+    kd_w = torch.rand(k, k, generator=g, dtype=torch.float64).requires_grad_()
+    z_lib, z_ref = z.clone().requires_grad_(), z.clone().requires_grad_()
+    opts = dict(temperature=2.5, detach_teacher=detach_teacher)
+    loss = hk.dense_kd(z_lib, y, ce_weight=ce_w, kd_weight=kd_w, **opts)
+    ref = R.weighted(z_ref, y, ce_w.detach(), kd_w.detach(), mask=R.masks(k)["dense"], **opts)
+    assert_close(loss, ref, **F64)
+    gz, gce, gkd = torch.autograd.grad(loss, (z_lib, ce_w, kd_w))
+    (gz_ref,) = torch.autograd.grad(ref, z_ref)
+    assert_close(gz, gz_ref, **F64)
+    ce, kd = R.losses(z, y, mask=R.masks(k)["dense"], **opts)
+    assert_close(gce, ce if ce is not None else torch.zeros(k, dtype=torch.float64), **F64)
+    assert_close(gkd, kd, **F64)  # the loss vector is the weight gradient
+
+
+def test_list_and_stacked_inputs_agree():
+    z, y = draw(4, 7, 11, seed=5)
+    stacked = z.clone().requires_grad_()
+    listed = [t.clone().requires_grad_() for t in z.unbind(0)]
+    a = hk.dense_kd(stacked, y, detach_teacher=False)
+    b = hk.dense_kd(listed, y, detach_teacher=False)
+    assert_close(a, b, **F64)
+    (ga,) = torch.autograd.grad(a, stacked)
+    gb = torch.autograd.grad(b, listed)
+    assert_close(ga, torch.stack(gb), **F64)
+    la, lb = hk.dense_kd_losses(stacked, y, reduction="none"), hk.dense_kd_losses(tuple(listed), y, reduction="none")
+    assert_close(la.kd, lb.kd, **F64)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("detach_teacher", [True, False])
+def test_low_precision_inputs_accumulate_in_float32(dtype, tol, detach_teacher):
+    z, y = draw(3, 7, 1001, seed=9, dtype=dtype)
+    x = z.clone().requires_grad_()
+    got = hk.dense_kd_losses(x, y, temperature=2.5, detach_teacher=detach_teacher)
+    assert got.ce.dtype == torch.float32 and got.kd.dtype == torch.float32
+    z64 = z.double().requires_grad_()
+    want = R.losses(z64, y, temperature=2.5, mask=R.masks(3)["dense"], detach_teacher=detach_teacher)
+    assert_close(got.ce.double(), want[0], rtol=tol, atol=tol)
+    assert_close(got.kd.double(), want[1], rtol=tol, atol=tol)
+    loss = hk.dense_kd(x, y, temperature=2.5, detach_teacher=detach_teacher)
+    (g,) = torch.autograd.grad(loss, x)
+    assert g.dtype == dtype
+    (g_ref,) = torch.autograd.grad(want[0].sum() + want[1].sum(), z64)
+    assert_close(g.double(), g_ref, rtol=tol, atol=tol * g_ref.abs().max().item())
+
+
+def test_all_ignored_batch_gives_zero_ce_not_nan():
+    z, y = draw(3, 5, 7, seed=1, ignored=0)
+    y[:] = -100
+    x = z.clone().requires_grad_()
+    out = hk.dense_kd_losses(x, y)
+    assert torch.equal(out.ce, torch.zeros(3, dtype=torch.float64))
+    loss = hk.dense_kd(x, y)
+    (g,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(g).all()
+    assert_close(loss, out.kd.sum(), **F64)
+
+
+def test_custom_ignore_index():
+    z, y = draw(2, 6, 5, seed=2, ignored=0)
+    y[1] = 7
+    out = hk.dense_kd_losses(z, y, ignore_index=7)
+    want = R.losses(z, y, temperature=4.0, mask=R.masks(2)["dense"], ignore_index=7)
+    assert_close(out.ce, want[0], **F64)
+
+
+def test_func_grad_vmap_and_double_backward():
+    k, c = 4, 9
+    z, y = draw(k, 5, c, seed=21)
+    opts = dict(temperature=2.5, detach_teacher=False)
+    ref = lambda x: R.losses(x, y, mask=R.masks(k)["dense"], **opts)  # noqa: E731
+    ref_sum = lambda x: ref(x)[0].sum() + ref(x)[1].sum()  # noqa: E731
+    # torch.func.grad
+    g = torch.func.grad(lambda x: hk.dense_kd(x, y, **opts))(z)
+    assert_close(g, torch.func.grad(ref_sum)(z), **F64)
+    # second derivatives: grad of a function of the gradient, and Hessian-vector products
+    v = torch.randn(z.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    hv = torch.func.grad(lambda x: (torch.func.grad(lambda u: hk.dense_kd(u, y, **opts))(x) * v).sum())(z)
+    hv_ref = torch.func.grad(lambda x: (torch.func.grad(ref_sum)(x) * v).sum())(z)
+    assert_close(hv, hv_ref, **F64)
+    x = z.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(hk.dense_kd(x, y, **opts), x, create_graph=True)
+    (hx,) = torch.autograd.grad((gx * v).sum(), x)
+    assert_close(hx, hv_ref, **F64)
+    # vmap over a batch of independent problems (logits and labels both batched)
+    zs = torch.stack([draw(k, 5, c, seed=30 + n)[0] for n in range(3)], dim=1)  # [K, N, B, C]
+    ys = torch.stack([draw(k, 5, c, seed=30 + n)[1] for n in range(3)])
+    got = torch.vmap(lambda a, b: hk.dense_kd(a, b, **opts), in_dims=(1, 0))(zs, ys)
+    want = torch.stack([R.weighted(zs[:, n], ys[n], torch.ones(k), torch.ones(k, k), mask=R.masks(k)["dense"], **opts)
+                        for n in range(3)])
+    assert_close(got, want, **F64)
+    # per-sample gradients: grad inside vmap
+    pg = torch.vmap(torch.func.grad(lambda a, b: hk.dense_kd(a, b, **opts)), in_dims=(1, 0))(zs, ys)
+    assert_close(pg[1], torch.func.grad(lambda a: R.weighted(a, ys[1], torch.ones(k), torch.ones(k, k),
+                                                             mask=R.masks(k)["dense"], **opts))(zs[:, 1]), **F64)
+
+
+def test_gradcheck_and_gradgradcheck_with_weights():
+    z, y = draw(3, 4, 5, seed=8)
+    x = z.clone().requires_grad_()
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    wk = torch.rand(3, 3, dtype=torch.float64, requires_grad=True)
+    fn = lambda a, b, c: hk.dense_kd(a, y, ce_weight=b, kd_weight=c, detach_teacher=False, temperature=2.0)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, wk), check_forward_ad=True, check_batched_grad=False)
+    assert torch.autograd.gradgradcheck(fn, (x, w, wk))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    z, y = draw(4, 6, 10, seed=12, dtype=torch.float32)
+    compiled = torch.compile(lambda a, b: hk.dense_kd(a, b, temperature=2.5), fullgraph=True)
+    x1, x2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    a, b = compiled(x1, y), hk.dense_kd(x2, y, temperature=2.5)
+    assert_close(a, b, rtol=1e-6, atol=1e-6)
+    a.backward()
+    b.backward()
+    assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-7)
+    losses = torch.compile(lambda a, b: hk.dense_kd_losses(a, b).kd.sum(), fullgraph=True)(z, y)
+    assert_close(losses, hk.dense_kd_losses(z, y).kd.sum(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("weights", ["floats", "tensors", "loss_weights"])
+def test_reference_module_and_fused_module_agree(weights):
+    k = 4
+    z, y = draw(k, 7, 21, seed=13, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    ce_w, kd_w = torch.rand(k, generator=g), torch.rand(k, k, generator=g)
+    kwargs = {"floats": dict(ce_weight=0.5, kd_weight=2.0), "tensors": dict(ce_weight=ce_w, kd_weight=kd_w),
+              "loss_weights": {}}[weights]
+    call = dict(weights=hk.LossWeights(ce_w, kd_w)) if weights == "loss_weights" else {}
+    fused, readable = hk.DenseKD(k, temperature=3.0, **kwargs), hk.reference.DenseKD(k, temperature=3.0, **kwargs)
+    x1, x2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    a, b = fused(x1, y, **call), readable(x2, y, **call)
+    assert_close(a, b, rtol=1e-5, atol=1e-5)
+    a.backward()
+    b.backward()
+    assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_module_moves_tensor_weights_and_checks_num_exits():
+    m = hk.DenseKD(3, ce_weight=torch.ones(3), kd_weight=torch.ones(3, 3))
+    assert set(dict(m.named_buffers())) == {"ce_weight", "kd_weight"}
+    m = m.double()
+    assert m.ce_weight.dtype == torch.float64
+    with pytest.raises(ValueError, match="num_exits"):
+        m(torch.randn(4, 2, 5, dtype=torch.float64))
+
+
+def test_loss_only_path_skips_the_gradient(monkeypatch):
+    from hdkd_fast.backends import torch_backend
+
+    seen: list[bool] = []
+    original = torch_backend.losses_and_grad
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["compute_grad"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "losses_and_grad", spy)
+    z, y = draw(3, 5, 7, seed=4)
+    with torch.no_grad():
+        hk.dense_kd(z.clone().requires_grad_(), y)
+    hk.dense_kd(z, y)  # nothing requires grad
+    x = z.clone().requires_grad_()
+    loss = hk.dense_kd(x, y)
+    loss.backward()  # the kept gradient is scaled: no second backend call
+    assert seen == [False, False, True]
+
+
+def test_available_backends_and_dispatch_errors():
+    assert "torch" in hk.available_backends("cpu")
+    assert hk.available_backends("cpu")[-1] == "torch"
+    z, y = draw(2, 3, 4, seed=0)
+    with pytest.raises(ValueError, match="backend"):
+        hk.dense_kd(z, y, backend="cuda-magic")
+    for name in ("triton", "native"):
+        if name not in hk.available_backends("cpu"):
+            with pytest.raises(RuntimeError, match=name):
+                hk.dense_kd(z, y, backend=name)
+
+
+BAD_INPUTS = [
+    (lambda z, y: hk.dense_kd(z[0], y), ValueError, "logits"),  # wrong rank
+    (lambda z, y: hk.dense_kd([], y), ValueError, "logits"),  # K < 1
+    (lambda z, y: hk.dense_kd(z[:, :, :0], y), ValueError, "logits"),
+    (lambda z, y: hk.dense_kd([z[0], z[1, :, :3]], y), ValueError, r"logits\[1\]"),  # C mismatch
+    (lambda z, y: hk.dense_kd([z[0], z[1, :2]], y), ValueError, r"logits\[1\]"),  # B mismatch
+    (lambda z, y: hk.dense_kd([z[0], z[1].float()], y), TypeError, r"logits\[1\]"),  # dtype mismatch
+    (lambda z, y: hk.dense_kd([z[0], z[1].to("meta")], y), ValueError, r"logits\[1\]"),  # device mismatch
+    (lambda z, y: hk.dense_kd(z.long(), y), TypeError, "logits"),
+    (lambda z, y: hk.dense_kd(z, y.to("meta")), ValueError, "target"),
+    (lambda z, y: hk.dense_kd(z, y.double()), TypeError, "target"),
+    (lambda z, y: hk.dense_kd(z, y[:2]), ValueError, "target"),
+    (lambda z, y: hk.dense_kd(z, torch.full_like(y, 4)), ValueError, "target"),  # label == C
+    (lambda z, y: hk.dense_kd(z, torch.full_like(y, -3)), ValueError, "target"),
+    (lambda z, y: hk.dense_kd(z, y, temperature=0.0), ValueError, "temperature"),
+    (lambda z, y: hk.dense_kd(z, y, temperature=-1.0), ValueError, "temperature"),
+    (lambda z, y: hk.dense_kd(z, y, temperature=float("nan")), ValueError, "temperature"),
+    (lambda z, y: hk.dense_kd(z, y, temperature=float("inf")), ValueError, "temperature"),
+    (lambda z, y: hk.dense_kd(z, y, temperature="4"), TypeError, "temperature"),
+    (lambda z, y: hk.dense_kd(z, y, ce_weight=torch.ones(2)), ValueError, "ce_weight"),
+    (lambda z, y: hk.dense_kd(z, y, kd_weight=torch.ones(3)), ValueError, "kd_weight"),
+    (lambda z, y: hk.dense_kd(z, y, kd_weight=torch.ones(3, 3).long()), TypeError, "kd_weight"),
+    (lambda z, y: hk.dense_kd(z, y, ce_weight=float("nan")), ValueError, "ce_weight"),
+    (lambda z, y: hk.dense_kd(z, y, pairs="all"), ValueError, "pairs"),
+    (lambda z, y: hk.dense_kd(z, y, pairs=torch.ones(2, 2, dtype=torch.bool)), ValueError, "pairs"),
+    (lambda z, y: hk.dense_kd(z, y, pairs=torch.ones(3, 3)), TypeError, "pairs"),
+    (lambda z, y: hk.dense_kd(z, y, pairs=torch.eye(3, dtype=torch.bool)), ValueError, "pairs"),
+    (lambda z, y: hk.dense_kd(z, y, pairs=torch.ones(3, 3, dtype=torch.bool).tril(-1)), ValueError, "detach_teacher"),
+    (lambda z, y: hk.dense_kd_losses(z, y, reduction="avg"), ValueError, "reduction"),
+    (lambda z, y: hk.dense_kd_losses(z, y, ignore_index=1.5), TypeError, "ignore_index"),
+    (lambda z, y: hk.dense_kd_losses("logits", y), TypeError, "logits"),
+    (lambda z, y: hk.DenseKD(num_exits=0), ValueError, "num_exits"),
+    (lambda z, y: hk.DenseKD(backend="fast"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "name"), BAD_INPUTS)
+def test_bad_input_raises_an_error_naming_the_argument(call, error, name):
+    z, y = draw(3, 5, 4, seed=0, ignored=0)
+    with pytest.raises(error, match=name):
+        call(z, y)
+
+
+def test_mutual_learning_mask_allowed_without_detach():
+    k = 3
+    mask = torch.ones(k, k, dtype=torch.bool) & ~torch.eye(k, dtype=torch.bool)
+    z, y = draw(k, 5, 6, seed=3)
+    got = hk.dense_kd_losses(z, y, pairs=mask, detach_teacher=False)
+    want = R.losses(z, y, temperature=4.0, mask=mask.tolist(), detach_teacher=False)
+    assert_close(got.kd, want[1], **F64)
