@@ -15,10 +15,10 @@ def full_grid(request: pytest.FixtureRequest) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Quick mode keeps only the cases marked ``quick``; ``--full`` keeps everything."""
+    """Cases marked ``full`` run only with ``--full``; the rest form the quick default."""
     if config.getoption("--full"):
         return
     skip = pytest.mark.skip(reason="full grid only (pytest bench/ --full)")
     for item in items:
-        if "quick" not in item.keywords:
+        if item.get_closest_marker("full") is not None:
             item.add_marker(skip)

@@ -21,11 +21,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 B = 4096 if DEVICE.type == "cuda" else 256
 QUICK = {(8, 1000), (2, 100), (16, 100), (4, 10)}
 GRID = [
-    pytest.param(k, c, marks=[pytest.mark.quick] if (k, c) in QUICK else [], id=f"K{k}-C{c}")
+    pytest.param(k, c, marks=[] if (k, c) in QUICK else [pytest.mark.full], id=f"K{k}-C{c}")
     for k, c in itertools.product((2, 4, 8, 16), (10, 100, 1000))
 ]
-DTYPES = [pytest.param(torch.float32, marks=pytest.mark.quick, id="fp32")] + (
-    [pytest.param(torch.bfloat16, id="bf16")] if DEVICE.type == "cuda" else []
+DTYPES = [pytest.param(torch.float32, id="fp32")] + (
+    [pytest.param(torch.bfloat16, marks=pytest.mark.full, id="bf16")] if DEVICE.type == "cuda" else []
 )
 IMPLS = [*hk.available_backends(DEVICE), "reference", "reference_compiled", "softmax_pass"]
 ROUNDS = 20

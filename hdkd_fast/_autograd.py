@@ -6,14 +6,16 @@ per-objective losses, the weighted objective and its logits gradient. Outputs:
 ``(ce, kd, loss, grad)``, where ``grad`` is returned (not hidden in ``ctx``) so that the
 torch.func transforms see every saved intermediate; it is non-differentiable.
 
-Backward:
-- ``dense_kd`` (only the scalar ``loss`` is used, no ``create_graph``): the kept gradient is
-  scaled by ``grad_output``: no recomputation, no host sync;
+Backward returns :class:`LogitsGradFunction`, whose forward is the fast path:
+- ``dense_kd`` (only the scalar ``loss`` is used): the kept gradient scaled by ``grad_output``;
+  no recomputation, no host sync;
 - any other use of the per-objective outputs: one backend call with the grad-outputs as the
-  objective weights;
-- under ``create_graph=True`` (grad mode on inside backward): the gradient is recomputed with the
-  differentiable ``"torch"`` backend, so second derivatives (including the mixed
-  ∂²L/∂z∂w the bilevel ``"exact"`` hypergradient needs) are exact.
+  objective weights.
+Its own backward/jvp run only when a second derivative is requested (``create_graph=True``,
+nested ``torch.func.grad``, Hessians): there the gradient map is differentiated through the
+``"torch"`` backend, so second derivatives (including the mixed ∂²L/∂z∂w the bilevel ``"exact"``
+hypergradient needs) are exact, while first-order gradients, ``torch.func.grad`` included,
+never pay for it.
 
 Dynamo cannot trace a Function with a custom ``jvp``; under ``torch.compile`` the base class
 (same forward, backward and vmap) is used, eagerly the subclass that adds ``jvp``.
@@ -21,6 +23,8 @@ Dynamo cannot trace a Function with a custom ``jvp``; under ``torch.compile`` th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
@@ -118,7 +122,7 @@ class DenseKDFunction(torch.autograd.Function):
                 d_kd_w = (g_loss * kd).to(kd_weight.dtype)
         d_logits: tuple[Tensor | None, ...] = (None,) * len(logits)
         if any(ctx.needs_input_grad[4:]):
-            g = _logits_grad(spec, target, ce_weight, kd_weight, grad, logits, g_ce, g_kd, g_loss)
+            g = grad_function_class().apply(spec, target, ce_weight, kd_weight, g_loss, g_ce, g_kd, grad, *logits)
             d_logits = (g,) if spec.stacked else g.unbind(0)
         return (None, None, d_ce_w, d_kd_w, *d_logits)
 
@@ -126,34 +130,166 @@ class DenseKDFunction(torch.autograd.Function):
     def vmap(info: Any, in_dims: tuple[int | None, ...], spec: OpSpec, *args: Tensor | None
              ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
         """Batching rule: the op once per slice of the vmapped dimension, outputs stacked on dim 0."""
-        outputs = []
-        for i in range(info.batch_size):
-            sliced = [a if d is None or a is None else a.select(d, i) for a, d in zip(args, in_dims[1:], strict=True)]
-            outputs.append(function_class().apply(spec, *sliced))
-        return tuple(torch.stack(out) for out in zip(*outputs, strict=True)), (0, 0, 0, 0)
+        return _apply_per_slice(function_class(), info, in_dims, spec, args), (0, 0, 0, 0)
 
 
-def _logits_grad(spec: OpSpec, target: Tensor | None, ce_weight: Tensor | None, kd_weight: Tensor | None,
-                 grad: Tensor, logits: list[Tensor], g_ce: Tensor | None, g_kd: Tensor | None,
-                 g_loss: Tensor | None) -> Tensor:
-    """Gradient w.r.t. the stacked logits for the given grad-outputs."""
-    differentiable = torch.is_grad_enabled()
-    if not differentiable and g_ce is None and g_kd is None and g_loss is not None and grad.numel():
-        return grad * g_loss
+def _objective_grad(spec: OpSpec, target: Tensor | None, ce_weight: Tensor | None, kd_weight: Tensor | None,
+                    g_loss: Tensor | None, g_ce: Tensor | None, g_kd: Tensor | None, logits: tuple[Tensor, ...],
+                    impl: ModuleType) -> Tensor:
+    """Gradient w.r.t. the stacked logits of ``g_loss·loss + <g_ce, ce> + <g_kd, kd>``: one backend call
+    with the objective weights ``g_loss·weight + g``."""
     rows = spec.reduction == "none"
     w_ce = _combine(g_loss, ce_weight, g_ce, rows) if target is not None else None
     w_kd = _combine(g_loss, kd_weight, g_kd, rows)
     first = logits[0]
     if w_ce is None and w_kd is None:
         return first.new_zeros(first.shape if spec.stacked else (len(logits), *first.shape))
-    impl = torch_backend if differentiable else get_backend(spec.backend)
     _, _, g = impl.losses_and_grad(
-        first if spec.stacked else tuple(logits), target, w_ce, w_kd,
+        first if spec.stacked else logits, target, w_ce, w_kd,
         temperature=spec.temperature, mask=spec.mask, detach_teacher=spec.detach_teacher,
         ignore_index=spec.ignore_index, reduction=spec.reduction, compute_grad=True,
     )
     assert g is not None
     return g
+
+
+_GRAD_DIFF_INPUTS = slice(2, 7)  # ce_weight, kd_weight, g_loss, g_ce, g_kd; the logits follow the kept grad
+
+
+def _differentiable_grad_map(ctx: Any) -> tuple[list[Tensor], Callable[..., Tensor], list[int], int]:
+    """The gradient map as a pure function of its differentiable, non-None inputs (for torch.func)."""
+    spec: OpSpec = ctx.spec
+    target, *rest = ctx.saved_tensors
+    inputs = [*rest[:5], *rest[6:]]  # drop the kept gradient
+    present = [i for i, t in enumerate(inputs) if t is not None]
+
+    def grad_map(*values: Tensor) -> Tensor:
+        full: list[Tensor | None] = list(inputs)
+        for i, v in zip(present, values, strict=True):
+            full[i] = v
+        ce_w, kd_w, g_loss, g_ce, g_kd, *logits = full
+        return _objective_grad(spec, target, ce_w, kd_w, g_loss, g_ce, g_kd, tuple(logits), torch_backend)  # type: ignore[arg-type]
+
+    return [inputs[i] for i in present], grad_map, present, len(inputs)
+
+
+def _scatter(present: list[int], n: int, values: tuple[Tensor, ...]) -> list[Tensor | None]:
+    out: list[Tensor | None] = [None] * n
+    for i, v in zip(present, values, strict=True):
+        out[i] = v
+    return out
+
+
+class LogitsGradFunction(torch.autograd.Function):
+    """``apply(spec, target, ce_weight, kd_weight, g_loss, g_ce, g_kd, kept_grad, *logits) -> Tensor[K, B, C]``:
+    the logits gradient that :class:`DenseKDFunction` returns from backward.
+
+    Forward is the fast path: the kept gradient scaled by ``g_loss`` when only the weighted loss
+    was used, else one call of the selected backend. Only when a second derivative is requested
+    (``create_graph=True``, nested ``torch.func.grad``, ``jacfwd(jacrev)``) are this Function's
+    ``backward``/``jvp`` run: the VJP/JVP of the same map written with the differentiable
+    ``"torch"`` backend, so second derivatives are exact (teacher terms and the mixed ∂²L/∂z∂w
+    included) while first-order gradients never pay for differentiability.
+    """
+
+    @staticmethod
+    def forward(spec: OpSpec, target: Tensor | None, ce_weight: Tensor | None, kd_weight: Tensor | None,
+                g_loss: Tensor | None, g_ce: Tensor | None, g_kd: Tensor | None, kept: Tensor,
+                *logits: Tensor) -> Tensor:
+        if g_ce is None and g_kd is None and g_loss is not None and kept.numel():
+            return kept * g_loss
+        return _objective_grad(spec, target, ce_weight, kd_weight, g_loss, g_ce, g_kd, logits,
+                               get_backend(spec.backend))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.spec = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        primals, grad_map, present, n = _differentiable_grad_map(ctx)
+        vjp_fn = torch.func.vjp(grad_map, *primals)[1]
+        grads = _scatter(present, n, vjp_fn(grad_output))
+        return (None, None, *grads[:5], None, *grads[5:])
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], spec: OpSpec, *args: Tensor | None
+             ) -> tuple[Tensor, int]:
+        out = _apply_per_slice(grad_function_class(), info, in_dims, spec, args)
+        return out[0], 0
+
+
+class LogitsGradFunctionWithJvp(LogitsGradFunction):
+    """:class:`LogitsGradFunction` plus forward mode (forward-over-reverse), outside ``torch.compile``."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        LogitsGradFunction.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[1:])
+
+    @staticmethod
+    def jvp(ctx: Any, _spec_t: None, _target_t: None, *tangents: Tensor | None) -> Tensor:
+        primals, grad_map, present, _ = _differentiable_grad_map(ctx)
+        diff_tangents = [*tangents[:5], *tangents[6:]]  # drop the kept gradient's tangent
+        tans = [diff_tangents[i] if diff_tangents[i] is not None else torch.zeros_like(p)
+                for i, p in zip(present, primals, strict=True)]
+        tangent_out: Tensor = torch.func.jvp(grad_map, tuple(primals), tuple(tans))[1]
+        return tangent_out
+
+
+def _backend_jvp(spec: OpSpec, target: Tensor | None, tensors: tuple[Tensor, ...], impl: ModuleType
+                 ) -> tuple[Tensor, Tensor]:
+    """``(d_ce, d_kd)`` of one backend's JVP; ``tensors`` = the logits followed by their tangents."""
+    n = len(tensors) // 2
+    logits, tangents = tensors[:n], tensors[n:]
+    d_ce, d_kd = impl.jvp(
+        logits[0] if spec.stacked else logits, tangents[0] if spec.stacked else tangents, target,
+        temperature=spec.temperature, mask=spec.mask, detach_teacher=spec.detach_teacher,
+        ignore_index=spec.ignore_index, reduction=spec.reduction,
+    )
+    return (d_ce if d_ce is not None else d_kd.new_zeros(0)), d_kd
+
+
+class ObjectivesJvpFunction(torch.autograd.Function):
+    """``apply(spec, target, *logits, *tangents) -> (d_ce, d_kd)``: the selected backend's JVP of
+    every objective, wrapped so that it composes like the other ops: batched (``vmap``, as in
+    ``jacfwd``/``hessian``) by slicing, and differentiable (reverse-over-forward) through the
+    ``"torch"`` backend's JVP, which is linear in the tangents and smooth in the logits."""
+
+    @staticmethod
+    def forward(spec: OpSpec, target: Tensor | None, *tensors: Tensor) -> tuple[Tensor, Tensor]:
+        return _backend_jvp(spec, target, tensors, get_backend(spec.backend))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        ctx.spec = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx: Any, g_ce: Tensor, g_kd: Tensor) -> tuple[Tensor | None, ...]:
+        spec: OpSpec = ctx.spec
+        target, *tensors = ctx.saved_tensors
+        fn = lambda *ts: _backend_jvp(spec, target, ts, torch_backend)  # noqa: E731
+        vjp_fn = torch.func.vjp(fn, *tensors)[1]
+        return (None, None, *vjp_fn((g_ce, g_kd)))
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], spec: OpSpec, *args: Tensor | None
+             ) -> tuple[tuple[Tensor, ...], tuple[int, int]]:
+        return _apply_per_slice(ObjectivesJvpFunction, info, in_dims, spec, args), (0, 0)
+
+
+def _apply_per_slice(fn: type[torch.autograd.Function], info: Any, in_dims: tuple[int | None, ...], spec: OpSpec,
+                     args: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
+    """Batching rule shared by both Functions: apply once per slice of the vmapped dimension and
+    stack every output on dim 0."""
+    outputs = []
+    for i in range(info.batch_size):
+        sliced = [a if d is None or a is None else a.select(d, i) for a, d in zip(args, in_dims[1:], strict=True)]
+        out = fn.apply(spec, *sliced)
+        outputs.append(out if isinstance(out, tuple) else (out,))
+    return tuple(torch.stack(out) for out in zip(*outputs, strict=True))
 
 
 class DenseKDFunctionWithJvp(DenseKDFunction):
@@ -177,12 +313,8 @@ class DenseKDFunctionWithJvp(DenseKDFunction):
         d_ce, d_kd = torch.zeros_like(ce), torch.zeros_like(kd)
         if any(t is not None for t in logits_t):
             tangents = [t if t is not None else torch.zeros_like(x) for t, x in zip(logits_t, logits, strict=True)]
-            jvp_ce, d_kd = get_backend(spec.backend).jvp(
-                logits[0] if spec.stacked else logits, tangents[0] if spec.stacked else tangents, target,
-                temperature=spec.temperature, mask=spec.mask, detach_teacher=spec.detach_teacher,
-                ignore_index=spec.ignore_index, reduction=spec.reduction,
-            )
-            d_ce = jvp_ce if jvp_ce is not None else d_ce
+            jvp_ce, d_kd = ObjectivesJvpFunction.apply(spec, target, *logits, *tangents)
+            d_ce = jvp_ce if target is not None else d_ce
         d_loss = torch.zeros((), dtype=kd.dtype, device=kd.device)
         if ce_weight is not None and kd_weight is not None:
             d_loss = d_loss + _weighted_sum(kd_weight, d_kd)
@@ -198,3 +330,8 @@ class DenseKDFunctionWithJvp(DenseKDFunction):
 def function_class() -> type[DenseKDFunction]:
     """The Function to apply: without the custom ``jvp`` while torch.compile traces."""
     return DenseKDFunction if torch.compiler.is_compiling() else DenseKDFunctionWithJvp
+
+
+def grad_function_class() -> type[LogitsGradFunction]:
+    """The logits-gradient Function: without the custom ``jvp`` while torch.compile traces."""
+    return LogitsGradFunction if torch.compiler.is_compiling() else LogitsGradFunctionWithJvp

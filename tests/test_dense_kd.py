@@ -13,6 +13,7 @@ from torch.testing import assert_close
 import hdkd_fast as hk
 
 F64 = {"rtol": 1e-10, "atol": 1e-12}
+BACKENDS = hk.available_backends("cpu")  # "torch", plus "native" where the extension is built
 K_VALUES = (1, 2, 3, 5, 9)
 C_VALUES = (2, 7, 100, 1001)
 T_VALUES = (1.0, 2.5, 4.0)
@@ -51,9 +52,10 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("detach_teacher", [True, False])
 @pytest.mark.parametrize(("k", "pairs", "reduction", "c", "t"), CASES)
-def test_losses_and_gradients_match_float64_reference(k, pairs, reduction, c, t, detach_teacher):
+def test_losses_and_gradients_match_float64_reference(k, pairs, reduction, c, t, detach_teacher, backend):
     seed = stable_seed(k, pairs, reduction, c, t, detach_teacher)
     z, y = draw(k, 5, c, seed=seed)
     if pairs == "random":
@@ -61,7 +63,7 @@ def test_losses_and_gradients_match_float64_reference(k, pairs, reduction, c, t,
     opts = dict(temperature=t, detach_teacher=detach_teacher, ignore_index=-100, reduction=reduction)
     z_lib = z.clone().requires_grad_()
     z_ref = z.clone().requires_grad_()
-    got = hk.dense_kd_losses(z_lib, y, pairs=pairs, backend="torch", **opts)
+    got = hk.dense_kd_losses(z_lib, y, pairs=pairs, backend=backend, **opts)
     want = R.losses(z_ref, y, mask=mask_of(pairs, k), **opts)
     assert_close(got.ce, want[0], **F64)
     assert_close(got.kd, want[1], **F64)
@@ -78,22 +80,25 @@ def test_losses_and_gradients_match_float64_reference(k, pairs, reduction, c, t,
 @pytest.mark.parametrize(("k", "c", "t", "pairs"), [(1, 7, 2.5, "dense"), (3, 2, 1.0, "last"), (5, 100, 4.0, "dense"),
                                                      (9, 1001, 2.5, "adjacent"), (4, 33, 4.0, "random")])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_jvp_matches_float64_reference(k, c, t, pairs, detach_teacher, reduction):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jvp_matches_float64_reference(k, c, t, pairs, detach_teacher, reduction, backend):
     seed = stable_seed(k, c, t, pairs, detach_teacher, reduction)
     z, y = draw(k, 7, c, seed=seed, ignored=2)
     dz = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
     if pairs == "random":
         pairs = random_mask(k, seed, upper=detach_teacher)
     opts = dict(temperature=t, detach_teacher=detach_teacher, reduction=reduction)
-    _, tan = torch.func.jvp(lambda x: tuple(hk.dense_kd_losses(x, y, pairs=pairs, **opts)), (z,), (dz,))
+    fn = lambda x: tuple(hk.dense_kd_losses(x, y, pairs=pairs, backend=backend, **opts))  # noqa: E731
+    _, tan = torch.func.jvp(fn, (z,), (dz,))
     _, tan_ref = torch.func.jvp(lambda x: R.losses(x, y, mask=mask_of(pairs, k), **opts), (z,), (dz,))
     assert_close(tan[0], tan_ref[0], **F64)
     assert_close(tan[1], tan_ref[1], **F64)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("detach_teacher", [True, False])
 @pytest.mark.parametrize("with_target", [True, False])
-def test_weighted_loss_gradients_and_weight_gradients(detach_teacher, with_target):
+def test_weighted_loss_gradients_and_weight_gradients(detach_teacher, with_target, backend):
     k, c = 5, 13
     z, y = draw(k, 9, c, seed=11)
     y = y if with_target else None
@@ -102,7 +107,7 @@ def test_weighted_loss_gradients_and_weight_gradients(detach_teacher, with_targe
     kd_w = torch.rand(k, k, generator=g, dtype=torch.float64).requires_grad_()
     z_lib, z_ref = z.clone().requires_grad_(), z.clone().requires_grad_()
     opts = dict(temperature=2.5, detach_teacher=detach_teacher)
-    loss = hk.dense_kd(z_lib, y, ce_weight=ce_w, kd_weight=kd_w, **opts)
+    loss = hk.dense_kd(z_lib, y, ce_weight=ce_w, kd_weight=kd_w, backend=backend, **opts)
     ref = R.weighted(z_ref, y, ce_w.detach(), kd_w.detach(), mask=R.masks(k)["dense"], **opts)
     assert_close(loss, ref, **F64)
     gz, gce, gkd = torch.autograd.grad(loss, (z_lib, ce_w, kd_w))
@@ -260,24 +265,27 @@ def test_loss_only_path_skips_the_gradient(monkeypatch):
     monkeypatch.setattr(torch_backend, "losses_and_grad", spy)
     z, y = draw(3, 5, 7, seed=4)
     with torch.no_grad():
-        hk.dense_kd(z.clone().requires_grad_(), y)
-    hk.dense_kd(z, y)  # nothing requires grad
+        hk.dense_kd(z.clone().requires_grad_(), y, backend="torch")
+    hk.dense_kd(z, y, backend="torch")  # nothing requires grad
     x = z.clone().requires_grad_()
-    loss = hk.dense_kd(x, y)
+    loss = hk.dense_kd(x, y, backend="torch")
     loss.backward()  # the kept gradient is scaled: no second backend call
     assert seen == [False, False, True]
 
 
-def test_available_backends_and_dispatch_errors():
+def test_available_backends_and_dispatch_errors(monkeypatch):
+    from hdkd_fast import backends
+
     assert "torch" in hk.available_backends("cpu")
     assert hk.available_backends("cpu")[-1] == "torch"
     z, y = draw(2, 3, 4, seed=0)
     with pytest.raises(ValueError, match="backend"):
         hk.dense_kd(z, y, backend="cuda-magic")
-    for name in ("triton", "native"):
-        if name not in hk.available_backends("cpu"):
-            with pytest.raises(RuntimeError, match=name):
-                hk.dense_kd(z, y, backend=name)
+    for name in ("triton", "native"):  # as in an installation without that backend
+        monkeypatch.setitem(backends._modules, name, None)
+        with pytest.raises(RuntimeError, match=rf"backend '{name}' is not available.*pip install"):
+            hk.dense_kd(z, y, backend=name)
+    assert hk.available_backends("cpu") == ["torch"]
 
 
 BAD_INPUTS = [
@@ -330,3 +338,27 @@ def test_mutual_learning_mask_allowed_without_detach():
     got = hk.dense_kd_losses(z, y, pairs=mask, detach_teacher=False)
     want = R.losses(z, y, temperature=4.0, mask=mask.tolist(), detach_teacher=False)
     assert_close(got.kd, want[1], **F64)
+
+
+def test_first_order_func_grad_uses_the_kept_gradient(monkeypatch):
+    """torch.func.grad runs backward with grad mode on; it must still scale the kept gradient
+    rather than recompute it (the recomputation is reserved for real second derivatives)."""
+    from hdkd_fast.backends import torch_backend
+
+    calls: list[bool] = []
+    original = torch_backend.losses_and_grad
+    monkeypatch.setattr(torch_backend, "losses_and_grad",
+                        lambda *a, **kw: calls.append(kw["compute_grad"]) or original(*a, **kw))
+    z, y = draw(3, 5, 7, seed=6)
+    torch.func.grad(lambda x: hk.dense_kd(x, y, backend="torch"))(z)
+    assert calls == [True]
+
+
+def test_hessian_forward_over_reverse_matches_reference():
+    k, c = 3, 4
+    z, y = draw(k, 3, c, seed=17)
+    opts = dict(temperature=2.5, detach_teacher=False)
+    h = torch.func.hessian(lambda x: hk.dense_kd(x, y, **opts))(z)
+    h_ref = torch.func.hessian(lambda x: R.weighted(x, y, torch.ones(k), torch.ones(k, k),
+                                                    mask=R.masks(k)["dense"], **opts))(z)
+    assert_close(h, h_ref, **F64)
