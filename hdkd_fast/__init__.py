@@ -2,10 +2,12 @@
 
 Public API (DESIGN §5): :func:`dense_kd_losses`, :func:`dense_kd`, :class:`DenseKD`,
 :class:`KDLosses`, :class:`LossWeights`, :func:`available_backends`, and the readable baseline
-:class:`hdkd_fast.reference.DenseKD`.
+:class:`hdkd_fast.reference.DenseKD`. Subpackages: :mod:`hdkd_fast.models` (multi-exit networks),
+:mod:`hdkd_fast.inference` (early-exit inference), :mod:`hdkd_fast.evaluation` (anytime and
+budgeted accuracy, exit costs, plots).
 """
 
-from . import reference
+from . import evaluation, inference, models, reference
 from ._pairs import pair_mask
 from ._types import KDLosses, LossWeights
 from .backends import BACKENDS, available_backends
@@ -22,6 +24,9 @@ __all__ = [
     "available_backends",
     "dense_kd",
     "dense_kd_losses",
+    "evaluation",
+    "inference",
+    "models",
     "pair_mask",
     "reference",
 ]

@@ -1,0 +1,22 @@
+"""The evaluation early-exit papers report.
+
+- :func:`exit_costs`: cumulative FLOPs to reach each exit (``FlopCounterMode``);
+- :func:`anytime_accuracy`: top-1 / top-5 accuracy of every exit;
+- :func:`budgeted_accuracy`: MSDNet's dynamic evaluation, (average cost, accuracy) points;
+- :func:`plot_exit_accuracy`, :func:`plot_budgeted_accuracy`: PNG plots (need matplotlib).
+"""
+
+from .accuracy import AnytimeAccuracy, BudgetCurve, anytime_accuracy, budgeted_accuracy, geometric_exit_distribution
+from .costs import exit_costs
+from .plots import plot_budgeted_accuracy, plot_exit_accuracy
+
+__all__ = [
+    "AnytimeAccuracy",
+    "BudgetCurve",
+    "anytime_accuracy",
+    "budgeted_accuracy",
+    "exit_costs",
+    "geometric_exit_distribution",
+    "plot_budgeted_accuracy",
+    "plot_exit_accuracy",
+]
