@@ -5,9 +5,9 @@ Install with ``pip install --no-build-isolation .`` so the build uses the torch 
 The compiled extension ``hdkd_fast._C`` (``csrc/``) is added by the native-extension work.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    packages=["hdkd_fast", "hdkd_fast.backends", "hdkd_fast.kernels"],
+    packages=[*find_packages(include=["hdkd_fast", "hdkd_fast.*"]), "hdkd_fast.kernels"],
     package_dir={"hdkd_fast.kernels": "kernels"},
 )
