@@ -4,13 +4,15 @@ Public API (DESIGN §5): :func:`dense_kd_losses`, :func:`dense_kd`, :class:`Dens
 :class:`KDLosses`, :class:`LossWeights`, :func:`available_backends`, and the readable baseline
 :class:`hdkd_fast.reference.DenseKD`. Subpackages: :mod:`hdkd_fast.models` (multi-exit networks),
 :mod:`hdkd_fast.inference` (early-exit inference), :mod:`hdkd_fast.evaluation` (anytime and
-budgeted accuracy, exit costs, plots).
+budgeted accuracy, exit costs, plots), :mod:`hdkd_fast.bilevel` (:class:`HarmonizedWeights` and the
+:class:`HDKD` bilevel loop).
 """
 
-from . import evaluation, inference, models, reference
+from . import bilevel, evaluation, inference, models, reference
 from ._pairs import pair_mask
 from ._types import KDLosses, LossWeights
 from .backends import BACKENDS, available_backends
+from .bilevel import HDKD, HarmonizedWeights
 from .functional import dense_kd, dense_kd_losses
 from .modules import DenseKD
 
@@ -18,10 +20,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "HDKD",
     "DenseKD",
+    "HarmonizedWeights",
     "KDLosses",
     "LossWeights",
     "available_backends",
+    "bilevel",
     "dense_kd",
     "dense_kd_losses",
     "evaluation",

@@ -1,0 +1,179 @@
+"""Cost of one ``HDKD.step`` over a plain training step, as the number of exits K grows (issue 5).
+
+A multi-exit MLP (K blocks ``Linear(H, H) → ReLU``, each followed by a ``Linear(H, C)`` exit) with
+dense pairs: ``K + K(K-1)/2`` objectives (32 exits: 528). Implementations, one training step each:
+
+- ``plain``: ``zero_grad``, forward, ``DenseKD`` with fixed weights, backward, ``optimizer.step``;
+- ``jvp`` / ``fd`` / ``exact``: ``HDKD.step`` with that ``hypergrad`` (``update_every=1``);
+- ``jvp_reuse`` / ``fd_reuse``: the same with ``reuse_inner_gradient=True`` (the real step applies the
+  virtual step's gradient: one forward and backward fewer);
+- ``naive``: the same bilevel step with per-objective gradients from one backward per objective
+  (``∂L_val/∂w_o = −η ⟨∇θ' L_val, ∇θ l_o⟩``), the alternative whose cost grows with the objectives.
+
+``pytest bench/test_bench_hdkd.py`` runs the quick CPU grid (K ∈ {2, 4, 8, 16, 32}, B = H = 128,
+C = 32, one thread, 7 rounds; ``naive``: 1 round); ``--full`` uses B = H = 256, C = 100, 20 rounds. At the end the
+median of each step over the median of plain steps timed between its rounds (on a twin model, so
+both see the same machine load), both on :data:`CLOCK`, is printed per K (``extra_info["ratio"]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import hdkd_fast as hk
+from hdkd_fast.bilevel import HDKD, HarmonizedWeights
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+EXITS = (2, 4, 8, 16, 32)
+IMPLS = ("plain", "jvp", "fd", "exact", "jvp_reuse", "fd_reuse", "naive")
+LR = 0.05
+BACKEND = "auto"  # what users get; bench/test_bench_dense_kd.py compares the backends themselves
+CLOCK = time.thread_time if DEVICE.type == "cpu" else time.perf_counter
+"""The clock of the ratios: on a shared CPU the busy time of this (single) thread, which other jobs'
+load perturbs far less than wall time; pytest-benchmark's own (wall-clock) statistics are kept too."""
+_RATIOS: dict[int, dict[str, float]] = defaultdict(dict)  # K -> impl -> median step / median plain step
+
+
+class MultiExitMLP(nn.Module):
+    def __init__(self, k: int, h: int, c: int) -> None:
+        super().__init__()
+        self.num_exits = k
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(h, h), nn.ReLU()) for _ in range(k))
+        self.heads = nn.ModuleList(nn.Linear(h, c) for _ in range(k))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        out = []
+        for block, head in zip(self.blocks, self.heads, strict=True):
+            x = block(x)
+            out.append(head(x))
+        return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads_and_report(request: pytest.FixtureRequest) -> Iterator[None]:
+    threads = torch.get_num_threads()
+    if DEVICE.type == "cpu" and not request.config.getoption("--full", default=False):
+        torch.set_num_threads(1)  # a shared CPU: one thread gives steadier ratios
+    yield
+    torch.set_num_threads(threads)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture is None or not _RATIOS:
+        return
+    lines = ["", f"median step / median plain step ({CLOCK.__name__}, interleaved rounds)",
+             "| K | objectives | plain ms | " + " | ".join(IMPLS[1:]) + " |",
+             "|---:|---:|---:|" + "---:|" * (len(IMPLS) - 1)]
+    for k in sorted(_RATIOS):
+        row = _RATIOS[k]
+        ratios = [f"{row[i]:.2f}" if i in row else "" for i in IMPLS[1:]]
+        plain_ms = f"{row['plain_ms']:.2f}" if "plain_ms" in row else ""
+        lines.append(f"| {k} | {k + k * (k - 1) // 2} | {plain_ms} | " + " | ".join(ratios) + " |")
+    with capture.global_and_fixture_disabled():
+        print("\n".join(lines))
+
+
+def _naive_step(model: nn.Module, opt: torch.optim.SGD, weights: HarmonizedWeights,
+                weight_opt: torch.optim.Optimizer, criterion: hk.DenseKD) -> Callable[..., None]:
+    """The bilevel step with one backward per objective (plain SGD inner step)."""
+    params = [p for p in model.parameters()]
+
+    def step(x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor) -> None:
+        with torch.no_grad():
+            w = weights.vector()
+        losses = weights.flatten(hk.dense_kd_losses(model(x), y, temperature=criterion.temperature, backend=BACKEND))
+        per_objective = [torch.autograd.grad(l_o, params, retain_graph=True, allow_unused=True,
+                                             materialize_grads=True) for l_o in losses]
+        g = [sum(w[o] * per_objective[o][i] for o in range(len(per_objective))) for i in range(len(params))]
+        stepped = {n: p.detach() - LR * gi for (n, p), gi in zip(model.named_parameters(), g, strict=True)}
+        stepped = {n: t.requires_grad_() for n, t in stepped.items()}
+        val = torch.func.functional_call(model, stepped, (x_val,))
+        ce = hk.dense_kd_losses(val, y_val, temperature=criterion.temperature, backend=BACKEND).ce
+        assert ce is not None
+        v = torch.autograd.grad(ce.sum(), list(stepped.values()))
+        hyper = torch.stack([-LR * sum((vi * gi).sum() for vi, gi in zip(v, grads, strict=True))
+                             for grads in per_objective])
+        weight_opt.zero_grad()
+        weights.vector().backward(hyper)
+        weight_opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            current = weights()
+        criterion(model(x), y, weights=current).backward()
+        opt.step()
+
+    return step
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _plain_step(model: nn.Module, opt: torch.optim.SGD, criterion: hk.DenseKD) -> Callable[..., None]:
+    def step(x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor) -> None:
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("k", EXITS, ids=[f"K{k}" for k in EXITS])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hdkd_step(benchmark, request: pytest.FixtureRequest, impl: str, k: int) -> None:
+    full = bool(request.config.getoption("--full", default=False))
+    b, h, c, rounds = (256, 256, 100, 20) if full else (128, 128, 32, 7)
+    warmup = 1
+    if impl == "naive" and not full:  # tens of seconds per step at K = 32, and nothing to warm up
+        rounds, warmup = 1, 0
+    torch.manual_seed(k)
+    model = MultiExitMLP(k, h, c).to(DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    criterion = hk.DenseKD(temperature=4.0, backend=BACKEND)
+    twin = copy.deepcopy(model)  # the plain step timed between the rounds, under the same machine load
+    plain = _plain_step(twin, torch.optim.SGD(twin.parameters(), lr=LR), criterion)
+    gen = torch.Generator(device=DEVICE).manual_seed(1000 + k)
+    data = (torch.randn(b, h, generator=gen, device=DEVICE), torch.randint(0, c, (b,), generator=gen, device=DEVICE),
+            torch.randn(b, h, generator=gen, device=DEVICE), torch.randint(0, c, (b,), generator=gen, device=DEVICE))
+    if impl == "plain":
+        step = _plain_step(model, opt, criterion)
+    elif impl == "naive":
+        weights = HarmonizedWeights(k).to(DEVICE)
+        step = _naive_step(model, opt, weights, torch.optim.Adam(weights.parameters(), lr=1e-3), criterion)
+    else:
+        mode, _, reuse = impl.partition("_")
+        step = HDKD(model, opt, criterion=criterion, hypergrad=mode, reuse_inner_gradient=bool(reuse)).step
+
+    times: dict[str, list[float]] = {"step": [], "plain": []}
+
+    def run(name: str, fn: Callable[..., None]) -> None:
+        start = CLOCK()
+        fn(*data)
+        _sync()
+        times[name].append(CLOCK() - start)
+
+    def timed() -> None:
+        run("step", step)
+
+    def time_plain() -> None:  # pytest-benchmark's untimed setup before every round
+        run("plain", plain)
+
+    for _ in range(warmup):  # first-use costs (forward-AD decompositions, allocator)
+        timed()
+    benchmark.group = f"hdkd_step-K{k}"
+    benchmark.extra_info.update(impl=impl, k=k, objectives=k + k * (k - 1) // 2, batch=b, hidden=h, classes=c)
+    benchmark.pedantic(timed, setup=time_plain, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    step_median, plain_median = (statistics.median(times[n][-rounds:]) for n in ("step", "plain"))
+    benchmark.extra_info.update(ratio=step_median / plain_median, clock=CLOCK.__name__,
+                                step_median_clock=step_median, plain_median_clock=plain_median)
+    _RATIOS[k][impl] = step_median / plain_median
+    if impl == "plain":
+        _RATIOS[k]["plain_ms"] = step_median * 1e3

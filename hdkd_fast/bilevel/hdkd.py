@@ -1,0 +1,327 @@
+r"""``HDKD``: the bilevel training step (harmonized weights + real step) as a thin object.
+
+The state is the model, its optimizer, the :class:`HarmonizedWeights` φ and their optimizer, the
+validation-loss running mean (``validation="balanced"``) and a step counter; the math lives in
+:func:`hdkd_fast.bilevel.hypergrad.weight_hypergradient`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
+
+from .._pairs import pair_mask
+from .._validation import Logits
+from ..modules import DenseKD
+from .hypergrad import HYPERGRAD_MODES, Hypergradient, ObjectiveSpec, inner_rules, weight_hypergradient
+from .weights import HarmonizedWeights
+
+VALIDATION_OBJECTIVES = ("ce", "balanced")
+DEFAULT_WEIGHT_LR = 1e-3
+
+
+def model_logits(output: Any, num_exits: int) -> Logits:
+    """Check that a model output is K logits: ``Tensor[K, B, C]`` or a list/tuple of K ``Tensor[B, C]``."""
+    if isinstance(output, Tensor):
+        if output.dim() != 3:
+            raise ValueError(f"model(x) must return Tensor[K, B, C] or K Tensor[B, C]; got shape {list(output.shape)}")
+        k = output.shape[0]
+    elif isinstance(output, (list, tuple)):
+        for i, t in enumerate(output):
+            if not isinstance(t, Tensor) or t.dim() != 2:
+                what = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise TypeError(f"model(x)[{i}] must be a logits Tensor[B, C]; got {what}")
+        k = len(output)
+    else:
+        raise TypeError(
+            f"model(x) must return Tensor[K, B, C] or a list of K Tensor[B, C]; got {type(output).__name__}")
+    if k != num_exits:
+        raise ValueError(f"model(x) returned {k} exits but the weights were built for num_exits={num_exits}")
+    return output
+
+
+def _fork_rng(x: Tensor) -> contextlib.AbstractContextManager[None]:
+    """Restore the global RNG state (CPU, and ``x``'s CUDA device) on exit."""
+    return torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
+
+
+class HDKD:
+    r"""Harmonized dense KD: learns the objective weights on a validation split while training.
+
+    ``step(x, y, x_val, y_val)`` does, every ``update_every``-th call (DESIGN §3):
+
+    1. virtual step :math:`\theta' = \theta - \eta\, d(\nabla_\theta L_\mathrm{train}(\theta, w))` with
+       the optimizer's current lr η (and, for ``torch.optim.SGD``, its momentum buffer, dampening,
+       nesterov and weight decay; other optimizers are modelled by plain SGD with their lr);
+    2. hypergradient :math:`\partial L_\mathrm{val}(\theta') / \partial\varphi` (``hypergrad``:
+       ``"jvp"`` exact forward mode, ``"fd"`` central difference, ``"exact"`` reverse mode through the
+       virtual step; the first two cost the same for any number of objectives);
+    3. φ update with ``weight_optimizer`` (default ``Adam(lr=1e-3)``);
+
+    and on every call the real step: ``optimizer.zero_grad()``, ``criterion(model(x), y, weights=w)``
+    with the current (updated) weights, ``backward()``, ``optimizer.step()``. With
+    ``reuse_inner_gradient=True`` an update step instead hands the gradient of step 1 (the weights
+    before this update; the new ones act from the next step) to ``optimizer.step()``: one forward and
+    backward fewer (for plain SGD the real step is then exactly the virtual one).
+
+    The hypergradient runs through ``torch.func.functional_call`` with cloned buffers: BatchNorm
+    running statistics change only in the real step, exactly as in plain training. All train-batch
+    forwards of one step (gradient pass, JVP/FD passes, real step) see the same Dropout mask.
+
+    Validation objective (``validation``):
+
+    - ``"ce"``: :math:`L_\mathrm{val} = \sum_k \mathrm{ce}_k(\theta'; x_v, y_v)`;
+    - ``"balanced"``: :math:`L_\mathrm{val} = \sum_k \mathrm{ce}_k / m_k`, :math:`m_k` the running mean
+      (EMA, decay ``ema_decay``) of exit k's validation loss (the current value before the first
+      update), so that the large losses of the early exits do not dominate.
+
+    Distributed: with a ``DistributedDataParallel`` model the hypergradient runs on the local batch
+    through ``model.module`` (the inner step sees the local shard's gradient, not the all-reduced
+    one), the φ-gradient (and the validation losses of the EMA) are averaged over the process group,
+    so φ stays identical on every rank, and the real step goes once through the DDP model.
+
+    Args:
+        model: returns K logits (``Tensor[K, B, C]`` or a list of K ``Tensor[B, C]``); may be DDP-wrapped.
+        optimizer: the model's optimizer.
+        criterion: a :class:`hdkd_fast.DenseKD` (default ``DenseKD()``); its temperature, pairs,
+            detach_teacher, ignore_index and backend define the objectives.
+        weights: a :class:`HarmonizedWeights` (default: ``"softmax"`` over the criterion's pairs, on the
+            model's device and dtype). K comes from it, else ``criterion.num_exits``, else
+            ``model.num_exits``.
+        weight_optimizer: optimizer of ``weights.parameters()`` (default ``Adam(lr=1e-3)``).
+        hypergrad: ``"jvp"``, ``"fd"`` or ``"exact"``.
+        update_every: update φ on every n-th ``step`` call (the others are plain weighted steps).
+        validation: ``"ce"`` or ``"balanced"``.
+        ema_decay: decay of the running mean of ``"balanced"``, in [0, 1).
+        reuse_inner_gradient: reuse the virtual step's gradient for the real step (above); not with DDP.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        criterion: DenseKD | None = None,
+        weights: HarmonizedWeights | None = None,
+        weight_optimizer: torch.optim.Optimizer | None = None,
+        hypergrad: str = "jvp",
+        update_every: int = 1,
+        validation: str = "ce",
+        ema_decay: float = 0.9,
+        reuse_inner_gradient: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+        if criterion is not None and not isinstance(criterion, DenseKD):
+            raise TypeError(f"criterion must be a hdkd_fast.DenseKD or None; got {type(criterion).__name__}")
+        if weights is not None and not isinstance(weights, HarmonizedWeights):
+            raise TypeError(f"weights must be a HarmonizedWeights or None; got {type(weights).__name__}")
+        if weight_optimizer is not None and not isinstance(weight_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"weight_optimizer must be a torch.optim.Optimizer or None; "
+                            f"got {type(weight_optimizer).__name__}")
+        if hypergrad not in HYPERGRAD_MODES:
+            raise ValueError(f"hypergrad must be one of {HYPERGRAD_MODES}; got {hypergrad!r}")
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be an int >= 1; got {update_every!r}")
+        if validation not in VALIDATION_OBJECTIVES:
+            raise ValueError(f"validation must be one of {VALIDATION_OBJECTIVES}; got {validation!r}")
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, numbers.Real) or not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay must be a number in [0, 1); got {ema_decay!r}")
+        if not isinstance(reuse_inner_gradient, bool):
+            raise TypeError(f"reuse_inner_gradient must be a bool; got {type(reuse_inner_gradient).__name__}")
+        if reuse_inner_gradient and isinstance(model, DistributedDataParallel):
+            raise ValueError("reuse_inner_gradient=True is not supported with a DistributedDataParallel model: "
+                             "its real step must go through the DDP model")
+
+        self.model: nn.Module = model
+        self.module: nn.Module = model.module if isinstance(model, DistributedDataParallel) else model
+        self.optimizer: torch.optim.Optimizer = optimizer
+        self.criterion: DenseKD = DenseKD() if criterion is None else criterion
+        self.weights: HarmonizedWeights = self._weights(weights)
+        k = self.weights.num_exits
+        if self.criterion.num_exits is not None and self.criterion.num_exits != k:
+            raise ValueError(f"weights have num_exits={k} but criterion.num_exits={self.criterion.num_exits}")
+        if pair_mask(self.criterion.pairs, k, detach_teacher=self.criterion.detach_teacher) != self.weights.mask:
+            raise ValueError("weights were built for other pairs than the criterion's (criterion.pairs)")
+        params = list(self.weights.parameters())
+        if weight_optimizer is None and params:
+            weight_optimizer = torch.optim.Adam(params, lr=DEFAULT_WEIGHT_LR)
+        self.weight_optimizer: torch.optim.Optimizer | None = weight_optimizer
+        self.hypergrad: str = hypergrad
+        self.update_every: int = update_every
+        self.validation: str = validation
+        self.ema_decay: float = float(ema_decay)
+        self.reuse_inner_gradient: bool = reuse_inner_gradient
+        self.val_ema: Tensor | None = None
+        self.calls: int = 0
+
+    def _weights(self, weights: HarmonizedWeights | None) -> HarmonizedWeights:
+        if weights is not None:
+            return weights
+        k = self.criterion.num_exits
+        if k is None:
+            k = getattr(self.module, "num_exits", None)
+        if not isinstance(k, int):
+            raise ValueError("cannot tell the number of exits: pass weights=HarmonizedWeights(K, ...), "
+                             "a criterion with num_exits, or a model with a num_exits attribute")
+        ref = next((p for p in self.module.parameters() if p.is_floating_point()), None)
+        built = HarmonizedWeights(k, self.criterion.pairs)
+        return built if ref is None else built.to(device=ref.device, dtype=ref.dtype)
+
+    # -- the pieces the functional core needs --------------------------------------------------
+
+    def _forward(self, params: dict[str, Tensor], x: Tensor) -> Logits:
+        """The unwrapped model with ``params`` substituted and its buffers cloned (left unchanged)."""
+        buffers = {n: b.clone() for n, b in self.module.named_buffers()}
+        return model_logits(functional_call(self.module, {**buffers, **params}, (x,)), self.weights.num_exits)
+
+    def _real_forward(self, params: dict[str, Tensor], x: Tensor) -> Logits:
+        """The unwrapped model with ``params`` substituted and its real buffers (updated as in training)."""
+        return model_logits(functional_call(self.module, params, (x,)), self.weights.num_exits)
+
+    def _spec(self) -> ObjectiveSpec:
+        c = self.criterion
+        return ObjectiveSpec(c.temperature, c.pairs, c.detach_teacher, c.ignore_index, c.backend)
+
+    def _val_objective(self, ce: Tensor) -> Tensor:
+        if self.validation == "ce":
+            return ce.sum()
+        scale = ce.detach() if self.val_ema is None else self.val_ema.to(ce)
+        return (ce / scale.clamp_min(torch.finfo(ce.dtype).tiny)).sum()
+
+    def _hypergradient(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, real_forward: bool = False
+                       ) -> tuple[Hypergradient, list[Tensor]]:
+        named = dict(self.module.named_parameters())
+        params = list(self.weights.parameters())
+        with torch.no_grad():
+            w = self.weights()
+        result = weight_hypergradient(
+            self._forward, named, inner_rules(self.optimizer, named), w, self._spec(),
+            self._val_objective, x, y, x_val, y_val, mode=self.hypergrad,
+            train_forward=self._real_forward if real_forward else None,
+        )
+        with torch.enable_grad():
+            out = self.weights()
+            grads = torch.autograd.grad(
+                out, params, grad_outputs=(result.weights.ce.to(out.ce), result.weights.kd.to(out.kd)),
+                allow_unused=True, materialize_grads=True,
+            )
+        return result, list(grads)
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def hypergradient(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor) -> list[Tensor]:
+        """∂L_val/∂φ for every tensor of ``weights.parameters()`` on this process's batches.
+
+        Leaves the model (parameters, ``.grad``, buffers), the weights, both optimizers and the global
+        RNG state exactly as they were. Returns ``[]`` for fixed weights.
+        """
+        if not list(self.weights.parameters()):
+            return []
+        with _fork_rng(x):
+            return self._hypergradient(x, y, x_val, y_val)[1]
+
+    def step(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor) -> dict[str, float]:
+        """One training step (bilevel weight update every ``update_every`` calls, then the real step).
+
+        Returns floats: ``"loss"`` (the weighted train loss of the real step), ``"updated"`` (1.0 when φ
+        was updated), ``"lr"``, and ``"weight/<objective>"`` (the weights after the update; objectives
+        are named ``ce/k`` and ``kd/i-j``). On update steps also ``"val_loss"`` (L_val(θ')),
+        ``"val_ce/k"`` and ``"hypergrad_norm"`` (‖∂L_val/∂φ‖, averaged over ranks under DDP).
+        """
+        update = self.weight_optimizer is not None and self.calls % self.update_every == 0
+        self.calls += 1
+        stats: dict[str, float] = {}
+        if update:
+            assert self.weight_optimizer is not None
+            if self.reuse_inner_gradient:  # the gradient pass is the real step's forward and backward
+                result, grads = self._hypergradient(x, y, x_val, y_val, real_forward=True)
+            else:  # the real step below replays the gradient pass's random numbers
+                with _fork_rng(x):
+                    result, grads = self._hypergradient(x, y, x_val, y_val)
+            val_ce = result.val_ce
+            if isinstance(self.model, DistributedDataParallel):
+                grads, val_ce = self._all_reduce_mean(grads, val_ce)
+            if self.validation == "balanced":
+                d = self.ema_decay
+                self.val_ema = val_ce.clone() if self.val_ema is None else d * self.val_ema + (1 - d) * val_ce
+            params = list(self.weights.parameters())
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.to(p.dtype)
+            self.weight_optimizer.step()
+            for p in params:
+                p.grad = None
+            stats["val_loss"] = float(result.val_loss)
+            stats.update({f"val_ce/{k}": v for k, v in enumerate(val_ce.tolist())})
+            stats["hypergrad_norm"] = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])))
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if update and self.reuse_inner_gradient:
+            named = dict(self.module.named_parameters())
+            for name, grad in result.train_grads.items():
+                named[name].grad = grad
+            loss = result.train_loss
+        else:
+            with torch.no_grad():
+                w = self.weights()
+            loss = self.criterion(model_logits(self.model(x), self.weights.num_exits), y, weights=w)
+            loss.backward()
+        self.optimizer.step()
+
+        stats["loss"] = float(loss.detach())
+        stats["updated"] = float(update)
+        stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        names = self.weights.objective_names()
+        stats.update({f"weight/{n}": v for n, v in zip(names, self.weights.vector().tolist(), strict=True)})
+        return stats
+
+    def _all_reduce_mean(self, grads: list[Tensor], val_ce: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Average the φ-gradients and validation losses over the DDP process group (one collective)."""
+        assert isinstance(self.model, DistributedDataParallel)
+        group = self.model.process_group
+        flat = torch.cat([g.reshape(-1) for g in grads] + [val_ce.to(grads[0].dtype).reshape(-1)])
+        torch.distributed.all_reduce(flat, group=group)
+        flat /= torch.distributed.get_world_size(group)
+        out, offset = [], 0
+        for g in grads:
+            out.append(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return out, flat[offset:].to(val_ce.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole training state: model (unwrapped), optimizer, weights, weight optimizer, the
+        validation running mean and the step counter."""
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "weights": self.weights.state_dict(),
+            "weight_optimizer": None if self.weight_optimizer is None else self.weight_optimizer.state_dict(),
+            "val_ema": None if self.val_ema is None else self.val_ema.clone(),
+            "calls": self.calls,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (same model, optimizers and weights configuration)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from HDKD.state_dict(); got {type(state).__name__}")
+        missing = {"model", "optimizer", "weights", "weight_optimizer", "val_ema", "calls"} - state.keys()
+        if missing:
+            raise ValueError(f"state is missing the keys {sorted(missing)}")
+        if (state["weight_optimizer"] is None) != (self.weight_optimizer is None):
+            raise ValueError("state['weight_optimizer'] does not match this HDKD's weight optimizer")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.weights.load_state_dict(state["weights"])
+        if self.weight_optimizer is not None:
+            self.weight_optimizer.load_state_dict(state["weight_optimizer"])
+        ema = state["val_ema"]
+        self.val_ema = None if ema is None else ema.clone()
+        self.calls = int(state["calls"])

@@ -1,0 +1,314 @@
+r"""Functional core of the bilevel step: the virtual SGD step and the weight hypergradient.
+
+Notation. θ: the trainable parameters; :math:`l(\theta) \in \mathbb{R}^n` the objective vector on the
+train batch (K cross-entropies, then the selected distillation pairs, see
+:mod:`hdkd_fast.bilevel.weights`); :math:`w \in \mathbb{R}^n` their weights;
+:math:`L_\mathrm{train}(\theta, w) = \langle w, l(\theta)\rangle`; :math:`L_\mathrm{val}` the validation
+objective.
+
+Virtual step (the update the optimizer would make, per parameter tensor, SGD semantics):
+
+.. math::
+    g = \nabla_\theta L_\mathrm{train}(\theta, w) \;(\text{negated if maximize}) + \lambda\theta, \quad
+    b' = \begin{cases} g & \text{no momentum buffer yet} \\ \mu b + (1 - \tau) g & \text{else} \end{cases}, \quad
+    d = \begin{cases} g + \mu b' & \text{nesterov} \\ b' & \text{momentum} \ne 0 \\ g & \text{else} \end{cases}, \quad
+    \theta' = \theta - \eta\, d.
+
+Only ``g`` depends on ``w``, linearly, so :math:`\partial\theta'/\partial w_o = -\eta\, c\, \nabla_\theta l_o(\theta)`
+with the scalar :math:`c = \pm(1 \text{ or } 1-\tau)(1 + \mu \text{ if nesterov})` of
+:meth:`InnerRule.tangent_scale`. Hence, with :math:`v = \nabla_{\theta'} L_\mathrm{val}(\theta')` and the
+tangent :math:`u = -\eta c\, v` (per parameter tensor),
+
+.. math::
+    \frac{\partial L_\mathrm{val}}{\partial w_o} = \langle \nabla_\theta l_o(\theta), u\rangle
+    = \frac{d}{dt} l_o(\theta + t u)\Big|_{t=0},
+
+the directional derivative of the **whole objective vector** along ``u``: one forward-mode pass
+(``"jvp"``) or two forwards (``"fd"``), whatever the number of objectives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+from torch.nn import functional as F
+
+from .._pairs import PairSpec, pair_mask
+from .._types import KDLosses, LossWeights
+from .._validation import Logits, accumulation_dtype, check_logits, check_target, check_target_values
+from ..functional import dense_kd, dense_kd_losses
+
+HYPERGRAD_MODES = ("jvp", "fd", "exact")
+FD_RADIUS = 0.01
+"""Norm of the finite-difference perturbation: ε = FD_RADIUS / ‖u‖ (DARTS uses 0.01 / ‖v‖)."""
+
+Forward = Callable[[dict[str, Tensor], Tensor], Logits]
+"""``forward(params, x) -> logits``: the model evaluated with ``params`` substituted (functional call)."""
+ValObjective = Callable[[Tensor], Tensor]
+"""``val_objective(ce) -> scalar``: the validation objective from the validation cross-entropies ``ce[K]``."""
+
+
+class ObjectiveSpec(NamedTuple):
+    """The criterion's configuration: the arguments of :func:`hdkd_fast.dense_kd_losses`."""
+
+    temperature: float = 4.0
+    pairs: PairSpec = "dense"
+    detach_teacher: bool = True
+    ignore_index: int = -100
+    backend: str = "auto"
+
+    def losses(self, logits: Logits, target: Tensor, pairs: PairSpec | None = None) -> KDLosses:
+        """Every objective of ``logits`` in one fused call (``pairs`` overrides the selection)."""
+        return dense_kd_losses(
+            logits, target, temperature=self.temperature, pairs=self.pairs if pairs is None else pairs,
+            detach_teacher=self.detach_teacher, ignore_index=self.ignore_index, backend=self.backend,
+        )
+
+    def weighted(self, logits: Logits, target: Tensor, weights: LossWeights) -> Tensor:
+        r""":math:`\langle w, l\rangle` in one fused call that also forms the logits gradient
+        (:func:`hdkd_fast.dense_kd`); differentiable w.r.t. the weights, twice w.r.t. the logits."""
+        return dense_kd(
+            logits, target, ce_weight=weights.ce, kd_weight=weights.kd, temperature=self.temperature,
+            pairs=self.pairs, detach_teacher=self.detach_teacher, ignore_index=self.ignore_index,
+            backend=self.backend,
+        )
+
+    def cross_entropy(self, logits: Logits, target: Tensor) -> Tensor:
+        """``ce[K]`` alone (mean over the rows whose label is not ``ignore_index``; 0 if there are none),
+        without the pairwise terms: the validation objective needs nothing else."""
+        info = check_logits(logits)
+        check_target(target, info)
+        check_target_values(target, info.classes, self.ignore_index)
+        z = torch.stack(info.tensors[0].unbind(0) if info.stacked else info.tensors)
+        z = z.to(accumulation_dtype(z.dtype))
+        k, b, c = z.shape
+        nll = F.cross_entropy(z.reshape(k * b, c), target.repeat(k), ignore_index=self.ignore_index,
+                              reduction="none").view(k, b)
+        return nll.sum(1) / (target != self.ignore_index).sum().clamp(min=1)
+
+
+class InnerRule(NamedTuple):
+    """How the optimizer updates one parameter tensor (``torch.optim.SGD`` semantics)."""
+
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+    momentum_buffer: Tensor | None = None
+
+    def direction(self, param: Tensor, grad: Tensor) -> Tensor:
+        """The update direction ``d`` (``θ' = θ − lr · d``), differentiable in ``grad``."""
+        d = -grad if self.maximize else grad
+        if self.weight_decay != 0:
+            d = d + self.weight_decay * param
+        if self.momentum != 0:
+            buf = d if self.momentum_buffer is None else (
+                self.momentum * self.momentum_buffer + (1 - self.dampening) * d)
+            d = d + self.momentum * buf if self.nesterov else buf
+        return d
+
+    def tangent_scale(self) -> float:
+        """``−lr · ∂d/∂grad``: the factor that maps ``v`` to the tangent ``u`` of this tensor."""
+        c = 1.0 if self.momentum == 0 or self.momentum_buffer is None else 1.0 - self.dampening
+        if self.momentum != 0 and self.nesterov:
+            c = 1.0 + self.momentum * c
+        return -self.lr * (-c if self.maximize else c)
+
+
+def inner_rules(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> dict[str, InnerRule]:
+    """The :class:`InnerRule` of every tensor of ``params`` (name → tensor) that ``optimizer`` updates.
+
+    ``η`` is each param group's current ``lr``. For :class:`torch.optim.SGD` the group's momentum,
+    dampening, nesterov, maximize, weight decay and the current momentum buffer are used as its real
+    step would use them; any other optimizer is modelled by a plain SGD step with its learning rate
+    (the usual DARTS-style approximation). Tensors the optimizer does not hold are left out.
+    """
+    names = {id(p): n for n, p in params.items()}
+    is_sgd = isinstance(optimizer, torch.optim.SGD)
+    rules: dict[str, InnerRule] = {}
+    for group in optimizer.param_groups:
+        lr = float(group["lr"])
+        for p in group["params"]:
+            name = names.get(id(p))
+            if name is None or not p.requires_grad:
+                continue
+            if is_sgd:
+                buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                rules[name] = InnerRule(
+                    lr=lr, weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
+                    dampening=float(group["dampening"]), nesterov=bool(group["nesterov"]),
+                    maximize=bool(group["maximize"]), momentum_buffer=None if buf is None else buf.detach(),
+                )
+            else:
+                rules[name] = InnerRule(lr=lr)
+    return rules
+
+
+def virtual_step(params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None],
+                 rules: Mapping[str, InnerRule]) -> dict[str, Tensor]:
+    """``θ' = θ − lr · d(θ, g)`` per tensor (unchanged where the gradient is ``None``, as the optimizer
+    skips it). Differentiable: the graph of ``grads`` is kept when they have one."""
+    out = {}
+    for name, p in params.items():
+        g = grads[name]
+        out[name] = p if g is None else p - rules[name].lr * rules[name].direction(p, g)
+    return out
+
+
+class _RngReplay:
+    """Restores the RNG state captured at construction, so that every forward on the train batch draws
+    the same random numbers (e.g. one Dropout mask for the gradient pass and the JVP/FD passes)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    def __call__(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+class Hypergradient(NamedTuple):
+    """Result of :func:`weight_hypergradient` (every tensor detached)."""
+
+    weights: LossWeights  # ∂L_val/∂w: ce [K], kd [K, K] (0 outside the pairs)
+    val_ce: Tensor  # [K] validation cross-entropies at θ'
+    val_loss: Tensor  # L_val(θ')
+    train_loss: Tensor  # L_train(θ, w)
+    train_grads: dict[str, Tensor | None]  # ∇θ L_train(θ, w) (None where unused), as the optimizer's .grad
+
+
+def weight_hypergradient(
+    forward: Forward,
+    params: Mapping[str, Tensor],
+    rules: Mapping[str, InnerRule],
+    weights: LossWeights,
+    spec: ObjectiveSpec,
+    val_objective: ValObjective,
+    x: Tensor,
+    y: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    *,
+    mode: str = "jvp",
+    train_forward: Forward | None = None,
+) -> Hypergradient:
+    r""":math:`\partial L_\mathrm{val}(\theta'(w)) / \partial w` of one virtual step (module docstring).
+
+    1. gradient pass: :math:`g = \nabla_\theta \langle w, l(\theta; x, y)\rangle`;
+    2. virtual step :math:`\theta'` (:func:`virtual_step` with ``rules``);
+    3. validation pass: :math:`L_\mathrm{val} = ` ``val_objective(ce(θ'; x_val, y_val))`` and, except for
+       ``"exact"``, :math:`v = \nabla_{\theta'} L_\mathrm{val}`, :math:`u = -\eta c\, v`;
+    4. the hypergradient:
+
+       - ``"jvp"``: forward mode (dual numbers) of :math:`\theta \mapsto l(\theta)` along ``u`` (exact);
+       - ``"fd"``: :math:`(l(\theta + \varepsilon u) - l(\theta - \varepsilon u)) / 2\varepsilon` with
+         :math:`\varepsilon = 0.01 / \lVert u\rVert` (a perturbation of norm 0.01, as DARTS);
+       - ``"exact"``: reverse mode through steps 1-3 (``create_graph=True``): the reference.
+
+    Only the tensors of ``params`` that have a rule are differentiated and stepped. ``train_forward``
+    (default ``forward``) runs the gradient pass, e.g. with the real buffers when that pass doubles as
+    the real step's forward. Every train-batch forward draws the random numbers of the gradient pass
+    (one Dropout mask); on return the global RNG state is the one after the gradient pass, as if only
+    that forward had run. Wrap the call in ``torch.random.fork_rng`` (and clone the buffers in
+    ``forward``) for no side effect at all.
+    """
+    if mode not in HYPERGRAD_MODES:
+        raise ValueError(f"hypergrad must be one of {HYPERGRAD_MODES}; got {mode!r}")
+    exact = mode == "exact"
+    with torch.enable_grad():
+        replay = _RngReplay(x.device)
+        w = LossWeights(weights.ce.detach().requires_grad_(exact), weights.kd.detach().requires_grad_(exact))
+        theta = {n: p.detach().requires_grad_() for n, p in params.items() if n in rules}
+        names = list(theta)
+
+        train_loss = spec.weighted((train_forward or forward)(theta, x), y, w)
+        grads = torch.autograd.grad(train_loss, [theta[n] for n in names], create_graph=exact, allow_unused=True)
+        after_train = _RngReplay(x.device)
+        try:
+            d_ce, d_kd, val_ce, val_loss = _hypergradient_from_step(
+                forward, theta, dict(zip(names, grads, strict=True)), rules, w, spec, val_objective,
+                x, y, x_val, y_val, replay, mode)
+        finally:
+            after_train()
+    train_grads: dict[str, Tensor | None] = {
+        n: None if g is None else g.detach() for n, g in zip(names, grads, strict=True)}
+    return Hypergradient(LossWeights(d_ce.detach(), d_kd.detach()), val_ce.detach(), val_loss.detach(),
+                         train_loss.detach(), train_grads)
+
+
+def _hypergradient_from_step(forward: Forward, theta: dict[str, Tensor], grads: dict[str, Tensor | None],
+                             rules: Mapping[str, InnerRule], w: LossWeights, spec: ObjectiveSpec,
+                             val_objective: ValObjective, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor,
+                             replay: _RngReplay, mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Steps 2-4 of :func:`weight_hypergradient`: ``(∂L_val/∂w_ce, ∂L_val/∂w_kd, val_ce, L_val)``."""
+    exact = mode == "exact"
+    names = list(theta)
+    stepped = virtual_step(theta, grads, rules)
+    if not exact:
+        stepped = {n: t.detach().requires_grad_() for n, t in stepped.items()}
+    val_ce = spec.cross_entropy(forward(stepped, x_val), y_val)
+    val_loss = val_objective(val_ce)
+
+    if exact:
+        d_ce, d_kd = torch.autograd.grad(val_loss, [w.ce, w.kd], allow_unused=True, materialize_grads=True)
+    else:
+        v = torch.autograd.grad(val_loss, [stepped[n] for n in names], allow_unused=True,
+                                materialize_grads=True)
+        primal = {n: theta[n].detach() for n in names}
+        tangent = {n: rules[n].tangent_scale() * vn for n, vn in zip(names, v, strict=True)}
+        d_ce, d_kd = _directional_derivative(forward, spec, primal, tangent, x, y, replay, mode)
+    return d_ce, d_kd, val_ce, val_loss
+
+
+def _directional_derivative(forward: Forward, spec: ObjectiveSpec, primal: dict[str, Tensor],
+                            tangent: dict[str, Tensor], x: Tensor, y: Tensor, replay: _RngReplay,
+                            mode: str) -> tuple[Tensor, Tensor]:
+    r"""``d/dt (ce, kd)(θ + t u)`` at 0 as seen by the training gradient.
+
+    ``"jvp"``: one forward-mode pass (``torch.autograd.forward_ad``, the engine of ``torch.func.jvp``;
+    the op's JVP honours ``detach_teacher``).
+    ``"fd"``: central difference with :math:`\varepsilon = 0.01 / \lVert u\rVert`. With a detached
+    teacher the training gradient of ``kd[i, j]`` moves only the student, so the teacher is held at
+    :math:`\bar z_j = (z_j^+ + z_j^-)/2 = z_j(\theta) + O(\varepsilon^2)`: one fused call over the 2K
+    exits ``(z^\pm, \bar z)`` with the pairs ``(i, K + j)``.
+    """
+
+    def logits(p: dict[str, Tensor]) -> Logits:
+        replay()
+        return forward(p, x)
+
+    def vector(p: dict[str, Tensor]) -> tuple[Tensor | None, Tensor]:
+        return tuple(spec.losses(logits(p), y))  # type: ignore[return-value]
+
+    if mode == "jvp":  # torch.func.jvp's engine without functorch's per-op wrapping (~1.6× faster here)
+        with torch.no_grad(), fwAD.dual_level():
+            ce, kd = vector({n: fwAD.make_dual(p, tangent[n]) for n, p in primal.items()})
+            d_ce, d_kd = fwAD.unpack_dual(ce).tangent, fwAD.unpack_dual(kd).tangent
+        assert ce is not None
+        return (torch.zeros_like(ce) if d_ce is None else d_ce), (torch.zeros_like(kd) if d_kd is None else d_kd)
+    norm = math.sqrt(sum(float(t.double().square().sum()) for t in tangent.values()))
+    eps = FD_RADIUS / norm if norm > 0 else 1.0  # u = 0: both forwards coincide and the difference is 0
+    with torch.no_grad():
+        plus = list(logits({n: p + eps * tangent[n] for n, p in primal.items()}))
+        minus = list(logits({n: p - eps * tangent[n] for n, p in primal.items()}))
+        k = len(plus)
+        if not spec.detach_teacher:
+            (ce_p, kd_p), (ce_m, kd_m) = spec.losses(plus, y), spec.losses(minus, y)
+        else:
+            mask = torch.zeros(2 * k, 2 * k, dtype=torch.bool)
+            mask[:k, k:] = torch.tensor(pair_mask(spec.pairs, k), dtype=torch.bool)
+            mid = [(a + b) / 2 for a, b in zip(plus, minus, strict=True)]
+            (ce_p, kd_p), (ce_m, kd_m) = spec.losses(plus + mid, y, mask), spec.losses(minus + mid, y, mask)
+            kd_p, kd_m = kd_p[:k, k:], kd_m[:k, k:]
+    assert ce_p is not None and ce_m is not None
+    return (ce_p[:k] - ce_m[:k]) / (2 * eps), (kd_p - kd_m) / (2 * eps)

@@ -1,0 +1,135 @@
+r"""``HarmonizedWeights``: one learnable weight per objective (K CE terms and the selected KD pairs).
+
+Objective order (used by every vector in :mod:`hdkd_fast.bilevel`): the K cross-entropy terms
+``ce[0], …, ce[K-1]`` first, then the selected distillation pairs ``kd[i, j]`` in row-major order of
+the K×K pair mask (``i`` ascending, then ``j`` ascending). ``n_objectives = K + #pairs``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .._pairs import PairMask, PairSpec, pair_mask
+from .._types import KDLosses, LossWeights
+
+PARAMETERIZATIONS = ("softmax", "softplus", "fixed")
+
+
+def selected_pairs(mask: PairMask) -> tuple[tuple[int, int], ...]:
+    """The selected ``(student i, teacher j)`` pairs of ``mask`` in row-major order."""
+    return tuple((i, j) for i, row in enumerate(mask) for j, on in enumerate(row) if on)
+
+
+class HarmonizedWeights(nn.Module):
+    r"""Learnable weights of every objective, returned as :class:`hdkd_fast.LossWeights`.
+
+    With ``n = K + #pairs`` objectives and one free parameter :math:`\varphi_o` per objective:
+
+    - ``"softmax"`` (default): :math:`w = n \cdot \mathrm{softmax}(\varphi)`, so :math:`\sum_o w_o = n`
+      and :math:`w = 1` at :math:`\varphi = 0`. The fixed total keeps a one-step lookahead from
+      simply inflating every weight; the weights only trade off against each other.
+    - ``"softplus"``: :math:`w = \log(1 + e^{\varphi})`, positive and unnormalized
+      (:math:`\varphi_0 = \log(e - 1)` gives :math:`w = 1`).
+    - ``"fixed"``: constant weights (a buffer, no parameters): the fixed-weight baseline.
+
+    Args:
+        num_exits: K.
+        pairs: the criterion's pair selection (``"dense"``, ``"last"``, ``"adjacent"`` or a boolean
+            ``Tensor[K, K]`` mask); only these pairs get a weight.
+        parameterization: ``"softmax"``, ``"softplus"`` or ``"fixed"``.
+        init: initial weights (positive, finite; entries of ``kd`` outside the pairs are ignored);
+            uniform 1 when ``None``. With ``"softmax"`` they are rescaled to sum to ``n``.
+
+    ``forward()`` returns ``LossWeights(ce: Tensor[K], kd: Tensor[K, K])`` (``kd`` is 0 outside the
+    pairs); :meth:`vector` the same weights as one ``Tensor[n]`` in objective order.
+    """
+
+    def __init__(
+        self,
+        num_exits: int,
+        pairs: PairSpec = "dense",
+        *,
+        parameterization: str = "softmax",
+        init: LossWeights | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
+            raise ValueError(f"num_exits must be a positive int; got {num_exits!r}")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}; got {parameterization!r}")
+        # The direction of a mask is the criterion's concern (detach_teacher); here only the set matters.
+        self.mask: PairMask = pair_mask(pairs, num_exits, detach_teacher=False)
+        self.pairs = selected_pairs(self.mask)
+        self.num_exits = num_exits
+        self.num_objectives = num_exits + len(self.pairs)
+        self.parameterization = parameterization
+        self.pair_rows: Tensor
+        self.pair_cols: Tensor
+        self.fixed: Tensor
+        rows = torch.tensor([i for i, _ in self.pairs], dtype=torch.long)
+        cols = torch.tensor([j for _, j in self.pairs], dtype=torch.long)
+        self.register_buffer("pair_rows", rows, persistent=False)
+        self.register_buffer("pair_cols", cols, persistent=False)
+        w0 = self._initial_vector(init)
+        if parameterization == "softmax":
+            self.phi = nn.Parameter(w0.log())
+        elif parameterization == "softplus":
+            self.phi = nn.Parameter(w0 + torch.log(-torch.expm1(-w0)))  # softplus⁻¹(w)
+        else:
+            self.register_buffer("fixed", w0)
+
+    def _initial_vector(self, init: LossWeights | None) -> Tensor:
+        n = self.num_objectives
+        if init is None:
+            return torch.ones(n)
+        if not isinstance(init, LossWeights):
+            raise TypeError(f"init must be a LossWeights(ce, kd) or None; got {type(init).__name__}")
+        k = self.num_exits
+        for name, t, shape in (("init.ce", init.ce, (k,)), ("init.kd", init.kd, (k, k))):
+            if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating Tensor{list(shape)}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)} for num_exits={k}; got {list(t.shape)}")
+        w0 = self.flatten(KDLosses(init.ce.detach().cpu(), init.kd.detach().cpu())).to(torch.get_default_dtype())
+        if not bool(torch.isfinite(w0).all()) or bool((w0 <= 0).any()):
+            raise ValueError("init weights must be finite and > 0 on every objective")
+        if self.parameterization == "softmax":
+            w0 = w0 * (n / w0.sum())
+        return w0
+
+    def flatten(self, values: KDLosses | LossWeights) -> Tensor:
+        """``(ce[K], kd[K, K])`` → ``Tensor[n]`` in objective order (the selected ``kd`` entries)."""
+        ce, kd = values
+        if ce is None:
+            raise ValueError("values.ce is None: the objective vector needs the K cross-entropy terms")
+        rows = self.pair_rows.to(kd.device)
+        cols = self.pair_cols.to(kd.device)
+        return torch.cat((ce, kd[rows, cols]))
+
+    def unflatten(self, vector: Tensor) -> LossWeights:
+        """``Tensor[n]`` in objective order → ``LossWeights(ce[K], kd[K, K])`` (``kd`` 0 outside the pairs)."""
+        k = self.num_exits
+        kd = vector.new_zeros(k, k).index_put((self.pair_rows, self.pair_cols), vector[k:])
+        return LossWeights(vector[:k], kd)
+
+    def vector(self) -> Tensor:
+        """The weights ``Tensor[n]`` in objective order."""
+        if self.parameterization == "softmax":
+            return self.num_objectives * torch.softmax(self.phi, dim=0)
+        if self.parameterization == "softplus":
+            return F.softplus(self.phi)
+        return self.fixed
+
+    def forward(self) -> LossWeights:
+        return self.unflatten(self.vector())
+
+    def objective_names(self) -> list[str]:
+        """``"ce/k"`` then ``"kd/i-j"`` labels, in objective order."""
+        return [f"ce/{k}" for k in range(self.num_exits)] + [f"kd/{i}-{j}" for i, j in self.pairs]
+
+    def extra_repr(self) -> str:
+        return (f"num_exits={self.num_exits}, num_objectives={self.num_objectives}, "
+                f"parameterization={self.parameterization!r}")
+

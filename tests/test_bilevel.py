@@ -1,0 +1,468 @@
+"""Harmonized weights and the bilevel step (issue 5, DESIGN §3), in float64 on tiny multi-exit MLPs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import float64_reference as ref
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import hdkd_fast as hk
+from hdkd_fast.bilevel import HDKD, HarmonizedWeights, weight_hypergradient
+from hdkd_fast.bilevel.hypergrad import InnerRule, ObjectiveSpec
+
+K, D, H, C = 3, 7, 9, 5
+T = 2.0
+BACKEND = "torch"  # every other available backend is covered by test_modes_agree_for_every_pair_selection
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny ops are dominated by OpenMP hand-offs on a shared machine; one thread keeps the tests fast.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class MLP(nn.Module):
+    """A chain of K (Linear → [BatchNorm] → tanh → [Dropout]) blocks, each followed by a Linear exit."""
+
+    def __init__(self, k: int = K, bn: bool = False, dropout: float = 0.0, stacked: bool = False) -> None:
+        super().__init__()
+        self.num_exits = k
+        self.stacked = stacked
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(D if i == 0 else H, H), nn.BatchNorm1d(H) if bn else nn.Identity(), nn.Tanh(),
+                          nn.Dropout(dropout))
+            for i in range(k)
+        )
+        self.heads = nn.ModuleList(nn.Linear(H, C) for _ in range(k))
+
+    def forward(self, x: Tensor) -> list[Tensor] | Tensor:
+        out = []
+        for block, head in zip(self.blocks, self.heads, strict=True):
+            x = block(x)
+            out.append(head(x))
+        return torch.stack(out) if self.stacked else out
+
+
+def batches(seed: int, b: int = 11, b_val: int = 13) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, D, generator=g, dtype=torch.float64), torch.randint(0, C, (b,), generator=g),
+            torch.randn(b_val, D, generator=g, dtype=torch.float64), torch.randint(0, C, (b_val,), generator=g))
+
+
+def make(seed: int, *, sgd: dict | None = None, hypergrad: str = "jvp", model_kw: dict | None = None,
+         **kw: object) -> tuple[MLP, torch.optim.SGD, HDKD]:
+    torch.manual_seed(seed)
+    model = MLP(**(model_kw or {})).double()
+    opt = torch.optim.SGD(model.parameters(), **({"lr": 0.3} | (sgd or {})))
+    kw.setdefault("criterion", hk.DenseKD(temperature=T, backend=BACKEND))
+    return model, opt, HDKD(model, opt, hypergrad=hypergrad, **kw)  # type: ignore[arg-type]
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# -- the independent reference: autograd through a hand-written SGD step --------------------------------
+
+def hand_hypergradient(model: MLP, opt: torch.optim.SGD, phi: Tensor, data: tuple[Tensor, ...]) -> Tensor:
+    """∂/∂φ Σ_k ce_k(θ'; x_v, y_v), θ' = one SGD step (momentum, dampening, nesterov, weight decay) on
+    Σ_o w_o l_o(θ; x, y), w = n·softmax(φ), objectives from tests/float64_reference (no hdkd_fast)."""
+    x, y, x_val, y_val = data
+    mask = ref.masks(K)["dense"]
+    pairs = [(i, j) for i in range(K) for j in range(K) if mask[i][j]]
+    phi = phi.detach().clone().requires_grad_()
+    w = len(phi) * torch.softmax(phi, 0)
+    w_kd = torch.zeros(K, K, dtype=torch.float64).index_put(
+        (torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])), w[K:])
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    z = torch.stack(functional_call(model, params, (x,)))
+    loss = ref.weighted(z, y, w[:K], w_kd, temperature=T, mask=mask)
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    group = opt.param_groups[0]
+    lr, mu, tau, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
+    stepped = {}
+    for (name, p), g, real in zip(params.items(), grads, model.parameters(), strict=True):
+        d = g + wd * p
+        if mu:
+            buf = opt.state.get(real, {}).get("momentum_buffer")
+            buf = d if buf is None else mu * buf + (1 - tau) * d
+            d = d + mu * buf if group["nesterov"] else buf
+        stepped[name] = p - lr * d
+    ce, _ = ref.losses(torch.stack(functional_call(model, stepped, (x_val,))), y_val, temperature=T, mask=mask)
+    assert ce is not None
+    (grad,) = torch.autograd.grad(ce.sum(), phi)
+    return grad
+
+
+SGD_CASES = {
+    "plain": ({}, 0),
+    "momentum+wd": ({"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.05}, 2),
+    "nesterov first step": ({"momentum": 0.8, "nesterov": True, "weight_decay": 0.01}, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(SGD_CASES))
+def test_hypergradients_match_each_other_and_a_hand_written_step(case: str) -> None:
+    sgd, warmup = SGD_CASES[case]
+    model, opt, hdkd = make(1, sgd=sgd, hypergrad="exact")
+    for s in range(warmup):  # builds SGD momentum buffers (and moves φ with them)
+        hdkd.step(*batches(100 + s))
+    data = batches(2)
+    results = {}
+    for mode in ("exact", "jvp", "fd"):
+        hdkd.hypergrad = mode
+        (results[mode],) = hdkd.hypergradient(*data)
+    hand = hand_hypergradient(model, opt, hdkd.weights.phi, data)
+    assert rel(results["exact"], hand) < 1e-8
+    assert rel(results["jvp"], results["exact"]) < 1e-8
+    assert rel(results["fd"], results["exact"]) < 1e-4
+
+
+@pytest.mark.parametrize("backend", hk.available_backends("cpu"))
+@pytest.mark.parametrize(("pairs", "parameterization", "detach_teacher"),
+                         [("last", "softplus", True), ("adjacent", "softmax", False), ("dense", "softplus", False)])
+def test_modes_agree_for_every_pair_selection(pairs: str, parameterization: str, detach_teacher: bool,
+                                              backend: str) -> None:
+    criterion = hk.DenseKD(temperature=T, pairs=pairs, detach_teacher=detach_teacher, backend=backend)
+    weights = HarmonizedWeights(K, pairs, parameterization=parameterization).double()
+    with torch.no_grad():
+        weights.phi.add_(0.3 * torch.randn(weights.num_objectives, dtype=torch.float64))
+    _, _, hdkd = make(3, criterion=criterion, weights=weights, hypergrad="exact")
+    data = batches(4)
+    (exact,) = hdkd.hypergradient(*data)
+    for mode, tol in (("jvp", 1e-8), ("fd", 1e-4)):
+        hdkd.hypergrad = mode
+        assert rel(hdkd.hypergradient(*data)[0], exact) < tol
+
+
+def test_adam_inner_step_is_plain_sgd_with_its_lr() -> None:
+    torch.manual_seed(5)
+    model = MLP().double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    hdkd = HDKD(model, opt, criterion=hk.DenseKD(temperature=T, backend=BACKEND), hypergrad="jvp")
+    data = batches(6)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    expected = hand_hypergradient(model, sgd, hdkd.weights.phi, data)
+    assert rel(hdkd.hypergradient(*data)[0], expected) < 1e-8
+
+
+def test_core_matches_exact_with_bn_dropout_and_stacked_output() -> None:
+    _, _, hdkd = make(7, sgd={"momentum": 0.5}, model_kw={"bn": True, "dropout": 0.3, "stacked": True})
+    hdkd.step(*batches(8))
+    data = batches(9)
+    results = {}
+    for mode in ("exact", "jvp", "fd"):
+        hdkd.hypergrad = mode
+        (results[mode],) = hdkd.hypergradient(*data)  # same Dropout masks in every train-batch forward
+    assert rel(results["jvp"], results["exact"]) < 1e-8
+    # Batch statistics (B = 11) curve the objectives strongly: the O(ε²) truncation of the central
+    # difference is ~2e-3 here (and falls 100× per 10× smaller ε, checked by hand), not 1e-4.
+    assert rel(results["fd"], results["exact"]) < 1e-2
+
+
+def test_functional_core_returns_weight_gradient() -> None:
+    torch.manual_seed(10)
+    model = MLP().double()
+    x, y, xv, yv = batches(11)
+    named = dict(model.named_parameters())
+    rules = {n: InnerRule(lr=0.2) for n in named}
+    spec = ObjectiveSpec(temperature=T)
+    weights = hk.LossWeights(torch.rand(K, dtype=torch.float64) + 0.5, torch.rand(K, K, dtype=torch.float64).triu(1))
+
+    def forward(params: dict[str, Tensor], inp: Tensor) -> list[Tensor]:
+        return functional_call(model, params, (inp,))
+
+    def val(ce: Tensor) -> Tensor:
+        return ce.sum()
+
+    out = {m: weight_hypergradient(forward, named, rules, weights, spec, val, x, y, xv, yv, mode=m)
+           for m in ("jvp", "exact")}
+    assert rel(out["jvp"].weights.kd, out["exact"].weights.kd) < 1e-8
+    assert rel(out["jvp"].weights.ce, out["exact"].weights.ce) < 1e-8
+    assert torch.equal(out["jvp"].weights.kd.tril(), torch.zeros(K, K, dtype=torch.float64))
+    torch.testing.assert_close(out["jvp"].val_loss, out["jvp"].val_ce.sum())
+    with pytest.raises(ValueError, match="hypergrad"):
+        weight_hypergradient(forward, named, rules, weights, spec, val, x, y, xv, yv, mode="reverse")
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_validation_cross_entropy_matches_the_op(stacked: bool) -> None:
+    g = torch.Generator().manual_seed(24)
+    z = torch.randn(K, 9, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (9,), generator=g)
+    y[[1, 4]] = -100
+    spec = ObjectiveSpec(temperature=T)
+    logits = z if stacked else list(z)
+    ce, _ = hk.dense_kd_losses(z, y, temperature=T)
+    assert ce is not None
+    torch.testing.assert_close(spec.cross_entropy(logits, y), ce)
+    assert torch.equal(spec.cross_entropy(logits, torch.full((9,), -100)), torch.zeros(K, dtype=torch.float64))
+    with pytest.raises(ValueError, match="target"):
+        spec.cross_entropy(logits, torch.full((9,), C))
+
+
+# -- side effects, direction, state ----------------------------------------------------------------------
+
+def snapshot(model: nn.Module, hdkd: HDKD) -> list[Tensor]:
+    tensors = [t.detach().clone() for t in model.state_dict().values()]
+    tensors += [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    tensors += [p.detach().clone() for p in hdkd.weights.parameters()]
+    for opt in (hdkd.optimizer, hdkd.weight_optimizer):
+        assert opt is not None
+        for state in opt.state.values():
+            tensors += [v.clone() for v in state.values() if isinstance(v, Tensor)]
+    return [*tensors, torch.get_rng_state()]
+
+
+@pytest.mark.parametrize("mode", ["jvp", "fd", "exact"])
+def test_hypergradient_has_no_side_effects(mode: str) -> None:
+    model, _, hdkd = make(12, sgd={"momentum": 0.9, "weight_decay": 1e-3}, hypergrad=mode,
+                          model_kw={"bn": True, "dropout": 0.2}, validation="balanced")
+    hdkd.step(*batches(13))  # optimizer states, BN statistics and the EMA are populated
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before, ema, calls = snapshot(model, hdkd), hdkd.val_ema, hdkd.calls
+    hdkd.hypergradient(*batches(14))
+    after = snapshot(model, hdkd)
+    assert len(before) == len(after)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert hdkd.val_ema is ema and hdkd.calls == calls
+    assert all(p.grad is None for p in hdkd.weights.parameters())
+
+
+class NoisyTeacher(nn.Module):
+    """Exits 0 and 1 see the input; exit 2 (the teacher of pairs (0, 2), (1, 2)) sees only noise."""
+
+    num_exits = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(D, H)
+        self.heads = nn.ModuleList(nn.Linear(H, C) for _ in range(3))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h = torch.tanh(self.body(x))
+        noise = 4 * torch.randn_like(h)
+        return [self.heads[0](h), self.heads[1](h), self.heads[2](noise)]
+
+
+def test_step_lowers_the_weight_of_a_harmful_pair() -> None:
+    torch.manual_seed(15)
+    centers = 3 * torch.randn(C, D, dtype=torch.float64)
+
+    def sample(n: int) -> tuple[Tensor, Tensor]:
+        labels = torch.randint(0, C, (n,))
+        return centers[labels] + torch.randn(n, D, dtype=torch.float64), labels
+
+    model = NoisyTeacher().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    weights = HarmonizedWeights(3).double()
+    hdkd = HDKD(model, opt, criterion=hk.DenseKD(temperature=T, backend=BACKEND), weights=weights,
+                weight_optimizer=torch.optim.Adam(weights.parameters(), lr=0.05))
+    for _ in range(15):
+        stats = hdkd.step(*sample(32), *sample(32))
+    assert stats["weight/kd/0-2"] < 0.9 and stats["weight/kd/1-2"] < 0.9
+    assert stats["weight/kd/0-2"] < stats["weight/kd/0-1"]
+    assert stats["weight/kd/1-2"] < stats["weight/ce/1"]
+
+
+def test_state_round_trip_continues_identically() -> None:
+    steps = [batches(20 + s) for s in range(6)]
+    kw = {"sgd": {"momentum": 0.9}, "validation": "balanced", "update_every": 2}
+    model_a, _, a = make(16, **kw)  # type: ignore[arg-type]
+    for data in steps[:3]:
+        a.step(*data)
+    saved = copy.deepcopy(a.state_dict())
+    for data in steps[3:]:
+        a.step(*data)
+
+    model_b, _, b = make(17, **kw)  # type: ignore[arg-type]
+    b.load_state_dict(saved)
+    assert b.calls == 3 and b.val_ema is not None
+    for data in steps[3:]:
+        b.step(*data)
+    assert torch.equal(a.weights.phi, b.weights.phi)
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True))
+    with pytest.raises(ValueError, match="missing"):
+        b.load_state_dict({"model": {}})
+
+
+def test_reuse_inner_gradient_makes_the_virtual_step_the_real_one() -> None:
+    kw = {"model_kw": {"bn": True, "dropout": 0.2}}
+    model_a, _, a = make(25, reuse_inner_gradient=True, **kw)  # type: ignore[arg-type]
+    _, _, c = make(25, **kw)  # type: ignore[arg-type]
+    model_b = copy.deepcopy(model_a)
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=0.3)
+    x, y, xv, yv = batches(26)
+    with torch.no_grad():
+        w = a.weights()
+    torch.manual_seed(123)
+    a.step(x, y, xv, yv)
+    rng_a = torch.get_rng_state()
+    torch.manual_seed(123)  # plain training with the weights before the update: same Dropout mask
+    hk.dense_kd(model_b(x), y, ce_weight=w.ce, kd_weight=w.kd, temperature=T, backend=BACKEND).backward()
+    opt_b.step()
+    assert torch.equal(rng_a, torch.get_rng_state())  # the RNG advanced exactly as by one forward
+    for (name, t_a), t_b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
+        torch.testing.assert_close(t_a, t_b, rtol=1e-12, atol=1e-14, msg=name)  # BatchNorm updated once
+    torch.manual_seed(123)
+    c.step(x, y, xv, yv)
+    assert torch.equal(a.weights.phi, c.weights.phi)  # same hypergradient either way
+
+
+def test_update_every_and_step_stats() -> None:
+    _, _, hdkd = make(18, update_every=3)
+    updated, phis = [], []
+    for s in range(5):
+        stats = hdkd.step(*batches(30 + s))
+        updated.append(stats["updated"])
+        phis.append(hdkd.weights.phi.detach().clone())
+    assert updated == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert torch.equal(phis[0], phis[1]) and torch.equal(phis[1], phis[2]) and not torch.equal(phis[2], phis[3])
+    stats = hdkd.step(*batches(40))  # call 6: no update
+    assert "hypergrad_norm" not in stats and "weight/kd/0-2" in stats and "loss" in stats
+    stats = hdkd.step(*batches(41))
+    n = hdkd.weights.num_objectives
+    assert {"val_loss", "hypergrad_norm", "lr", "val_ce/2", "weight/kd/1-2"} <= stats.keys()
+    assert sum(stats[f"weight/{name}"] for name in hdkd.weights.objective_names()) == pytest.approx(n)
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_balanced_validation_tracks_the_running_mean() -> None:
+    _, _, hdkd = make(19, validation="balanced", ema_decay=0.5)
+    first = hdkd.step(*batches(50))
+    ce1 = torch.tensor([first[f"val_ce/{k}"] for k in range(K)], dtype=torch.float64)
+    assert first["val_loss"] == pytest.approx(K)  # Σ ce_k / ce_k before the running mean exists
+    assert hdkd.val_ema is not None
+    torch.testing.assert_close(hdkd.val_ema, ce1)
+    second = hdkd.step(*batches(51))
+    ce2 = torch.tensor([second[f"val_ce/{k}"] for k in range(K)], dtype=torch.float64)
+    assert second["val_loss"] == pytest.approx(float((ce2 / ce1).sum()))
+    torch.testing.assert_close(hdkd.val_ema, 0.5 * ce1 + 0.5 * ce2)
+
+
+def test_fixed_weights_train_without_a_bilevel_update() -> None:
+    weights = HarmonizedWeights(K, parameterization="fixed").double()
+    model, _, hdkd = make(21, weights=weights)
+    assert hdkd.weight_optimizer is None and hdkd.hypergradient(*batches(52)) == []
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = hdkd.step(*batches(53))
+    assert stats["updated"] == 0.0 and stats["weight/ce/0"] == 1.0
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_autocast_bf16_float32_model() -> None:
+    torch.manual_seed(22)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hdkd = HDKD(model, opt, criterion=hk.DenseKD(temperature=T, backend=BACKEND))
+    x, y, xv, yv = (t.float() if t.is_floating_point() else t for t in batches(23))
+    phi = hdkd.weights.phi.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stats = hdkd.step(x, y, xv, yv)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert hdkd.weights.phi.dtype == torch.float32 and not torch.equal(phi, hdkd.weights.phi)
+
+
+# -- HarmonizedWeights -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("parameterization", ["softmax", "softplus", "fixed"])
+def test_weights_start_uniform(parameterization: str) -> None:
+    w = HarmonizedWeights(4, "dense", parameterization=parameterization)
+    assert w.num_objectives == 4 + 6
+    out = w()
+    torch.testing.assert_close(out.ce, torch.ones(4))
+    torch.testing.assert_close(out.kd, torch.ones(4, 4).triu(1))
+    assert (len(list(w.parameters())) == 0) == (parameterization == "fixed")
+
+
+def test_weights_order_init_and_softmax_normalization() -> None:
+    w = HarmonizedWeights(3, "last")
+    assert w.pairs == ((0, 2), (1, 2)) and w.objective_names() == ["ce/0", "ce/1", "ce/2", "kd/0-2", "kd/1-2"]
+    losses = hk.KDLosses(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([[0, 0, 4.0], [0, 0, 5.0], [0, 0, 0]]))
+    torch.testing.assert_close(w.flatten(losses), torch.tensor([1.0, 2, 3, 4, 5]))
+    torch.testing.assert_close(w.flatten(w.unflatten(torch.arange(5.0))), torch.arange(5.0))
+    init = hk.LossWeights(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([[0, 0, 2.0], [0, 0, 2.0], [0, 0, 0]]))
+    soft = HarmonizedWeights(3, "last", init=init)
+    torch.testing.assert_close(soft.vector(), torch.tensor([0.5, 1.0, 1.5, 1.0, 1.0]))  # rescaled to sum 5
+    plus = HarmonizedWeights(3, "last", parameterization="softplus", init=init)
+    torch.testing.assert_close(plus.vector(), torch.tensor([1.0, 2.0, 3.0, 2.0, 2.0]))
+
+
+def test_weights_bad_input() -> None:
+    with pytest.raises(ValueError, match="num_exits"):
+        HarmonizedWeights(0)
+    with pytest.raises(ValueError, match="parameterization"):
+        HarmonizedWeights(3, parameterization="exp")
+    with pytest.raises(ValueError, match="pairs"):
+        HarmonizedWeights(3, "all")
+    with pytest.raises(TypeError, match="init"):
+        HarmonizedWeights(3, init=(torch.ones(3), torch.ones(3, 3)))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"init\.kd"):
+        HarmonizedWeights(3, init=hk.LossWeights(torch.ones(3), torch.ones(2, 2)))
+    with pytest.raises(ValueError, match="init"):
+        HarmonizedWeights(3, init=hk.LossWeights(torch.ones(3), -torch.ones(3, 3)))
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+class Returns(nn.Module):
+    def __init__(self, output: object) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D, C).double()
+        self.output = output
+
+    def forward(self, x: Tensor) -> object:
+        return self.output
+
+
+def test_hdkd_bad_input() -> None:
+    model = MLP().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="hypergrad"):
+        HDKD(model, opt, hypergrad="hessian")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="update_every"):
+            HDKD(model, opt, update_every=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="validation"):
+        HDKD(model, opt, validation="kd")
+    with pytest.raises(ValueError, match="ema_decay"):
+        HDKD(model, opt, ema_decay=1.0)
+    with pytest.raises(TypeError, match="reuse_inner_gradient"):
+        HDKD(model, opt, reuse_inner_gradient=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model"):
+        HDKD(lambda x: x, opt)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="optimizer"):
+        HDKD(model, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="criterion"):
+        HDKD(model, opt, criterion=nn.CrossEntropyLoss())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="weights"):
+        HDKD(model, opt, weights=hk.LossWeights(torch.ones(3), torch.ones(3, 3)))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="weight_optimizer"):
+        HDKD(model, opt, weight_optimizer=opt.param_groups)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_exits"):
+        HDKD(model, opt, criterion=hk.DenseKD(num_exits=4), weights=HarmonizedWeights(3))
+    with pytest.raises(ValueError, match="pairs"):
+        HDKD(model, opt, criterion=hk.DenseKD(pairs="last"), weights=HarmonizedWeights(3, "dense"))
+    with pytest.raises(ValueError, match="number of exits"):
+        HDKD(nn.Linear(2, 2), opt)
+    data = batches(60)
+    with pytest.raises(ValueError, match="num_exits=4"):
+        HDKD(model, opt, weights=HarmonizedWeights(4).double()).step(*data)
+    z = torch.randn(11, C, dtype=torch.float64)
+    for output, error in ((z, ValueError), ({"logits": z}, TypeError), ([z, z.unsqueeze(0)], TypeError),
+                          ([z, "z"], TypeError), (torch.stack([z, z]), ValueError)):
+        bad = Returns(output)
+        hdkd = HDKD(bad, torch.optim.SGD(bad.parameters(), lr=0.1), weights=HarmonizedWeights(3).double())
+        with pytest.raises(error, match=r"model\(x\)"):
+            hdkd.step(*data)
+        with pytest.raises(error, match=r"model\(x\)"):
+            hdkd.hypergradient(*data)
