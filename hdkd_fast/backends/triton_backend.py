@@ -1,0 +1,229 @@
+r"""The ``"triton"`` backend: the fused kernels of ``hdkd_fast.kernels`` (``kernels/`` in the source tree).
+
+One kernel launch per call computes every per-row objective (and the weighted gradient), see
+:mod:`hdkd_fast.kernels.dense_kd_fwd` and :mod:`hdkd_fast.kernels.dense_kd_jvp`; this module folds the
+reduction's row scales, the pair mask and the temperature into the weights before the launch and
+reduces the per-row losses with torch afterwards (deterministic, no atomics, no host sync).
+
+The launches are wrapped in ``torch.library`` custom ops (``hdkd_fast::triton_losses``,
+``hdkd_fast::triton_jvp``) with fake implementations, so ``torch.compile(fullgraph=True)`` treats
+them as opaque ops. Available for CUDA tensors when ``triton`` imports, and for CPU tensors only under
+the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._pairs import PairMask, mask_tensor
+from .._validation import accumulation_dtype
+
+NAME = "triton"
+
+_IMPORT_ERROR: str | None = None
+_fwd: Any = None
+_jvp: Any = None
+
+
+def _load_kernels() -> tuple[ModuleType, ModuleType]:
+    """``hdkd_fast.kernels``' two kernel modules; in a source checkout that was not installed, the
+    ``kernels/`` directory next to the package is mounted as ``hdkd_fast.kernels``."""
+    try:
+        return (importlib.import_module("hdkd_fast.kernels.dense_kd_fwd"),
+                importlib.import_module("hdkd_fast.kernels.dense_kd_jvp"))
+    except ModuleNotFoundError as err:
+        if err.name not in ("hdkd_fast.kernels", "hdkd_fast.kernels.dense_kd_fwd"):
+            raise
+    source = Path(__file__).resolve().parents[2] / "kernels"
+    spec = importlib.util.spec_from_file_location(
+        "hdkd_fast.kernels", source / "__init__.py", submodule_search_locations=[str(source)]
+    )
+    if spec is None or spec.loader is None or not (source / "__init__.py").exists():
+        raise ImportError("hdkd_fast.kernels is not installed and no kernels/ directory was found")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["hdkd_fast.kernels"] = package
+    spec.loader.exec_module(package)
+    return (importlib.import_module("hdkd_fast.kernels.dense_kd_fwd"),
+            importlib.import_module("hdkd_fast.kernels.dense_kd_jvp"))
+
+
+try:
+    _fwd, _jvp = _load_kernels()
+except ImportError as _err:  # triton missing (or broken): the backend is simply unavailable
+    _IMPORT_ERROR = f"triton could not be imported ({_err})"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """``None`` for CUDA tensors when triton imports; CPU tensors only under ``TRITON_INTERPRET=1``."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1 before importing triton)"
+    return f"the Triton kernels do not run on {device.type} tensors"
+
+
+def _as_list(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    return [x] if isinstance(x, Tensor) else list(x)
+
+
+def _launch_input(tensors: list[Tensor]) -> Tensor | list[Tensor]:
+    """The custom ops get a tensor list: one ``[K, B, C]`` tensor (stacked) or K ``[B, C]`` tensors."""
+    return tensors[0] if tensors[0].dim() == 3 else tensors
+
+
+def _geometry(tensors: Sequence[Tensor]) -> tuple[int, int, int]:
+    if tensors[0].dim() == 3:
+        k, b, c = tensors[0].shape
+        return int(k), int(b), int(c)
+    b, c = tensors[0].shape
+    return len(tensors), int(b), int(c)
+
+
+_LOSSES_SCHEMA = (
+    "(Tensor[] logits, Tensor? target, Tensor? ce_weight, Tensor? kd_weight, Tensor mask, float temperature, "
+    "bool detach_teacher, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)"
+)
+_JVP_SCHEMA = (
+    "(Tensor[] logits, Tensor[] tangents, Tensor? target, Tensor mask, float temperature, bool detach_teacher, "
+    "int ignore_index) -> (Tensor, Tensor)"
+)
+
+
+def _losses_impl(logits: list[Tensor], target: Tensor | None, ce_weight: Tensor | None, kd_weight: Tensor | None,
+                 mask: Tensor, temperature: float, detach_teacher: bool, ignore_index: int,
+                 compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    ce, kd, grad = _fwd.dense_kd_forward(
+        _launch_input(logits), target, ce_weight, kd_weight, mask, temperature=temperature,
+        detach_teacher=detach_teacher, ignore_index=ignore_index, compute_grad=compute_grad,
+    )
+    return (ce if ce is not None else kd.new_empty(0), kd,
+            grad if grad is not None else logits[0].new_empty(0))
+
+
+def _losses_fake(logits: list[Tensor], target: Tensor | None, ce_weight: Tensor | None, kd_weight: Tensor | None,
+                 mask: Tensor, temperature: float, detach_teacher: bool, ignore_index: int,
+                 compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    k, b, c = _geometry(logits)
+    x = logits[0]
+    acc = accumulation_dtype(x.dtype)
+    kd = x.new_empty((k, k, b), dtype=acc)
+    ce = x.new_empty((k, b) if target is not None else (0,), dtype=acc)
+    grad = x.new_empty((k, b, c) if compute_grad else (0,))
+    return ce, kd, grad
+
+
+def _jvp_impl(logits: list[Tensor], tangents: list[Tensor], target: Tensor | None, mask: Tensor,
+              temperature: float, detach_teacher: bool, ignore_index: int) -> tuple[Tensor, Tensor]:
+    dce, dkd = _jvp.dense_kd_jvp(
+        _launch_input(logits), _launch_input(tangents), target, mask, temperature=temperature,
+        detach_teacher=detach_teacher, ignore_index=ignore_index,
+    )
+    return (dce if dce is not None else dkd.new_empty(0)), dkd
+
+
+def _jvp_fake(logits: list[Tensor], tangents: list[Tensor], target: Tensor | None, mask: Tensor,
+              temperature: float, detach_teacher: bool, ignore_index: int) -> tuple[Tensor, Tensor]:
+    k, b, _ = _geometry(logits)
+    x = logits[0]
+    acc = accumulation_dtype(x.dtype)
+    return x.new_empty((k, b) if target is not None else (0,), dtype=acc), x.new_empty((k, k, b), dtype=acc)
+
+
+_losses_op: Any = None
+_jvp_op: Any = None
+if _IMPORT_ERROR is None:
+    _losses_op = torch.library.custom_op(
+        "hdkd_fast::triton_losses", _losses_impl, mutates_args=(), schema=_LOSSES_SCHEMA
+    )
+    _losses_op.register_fake(_losses_fake)
+    _jvp_op = torch.library.custom_op("hdkd_fast::triton_jvp", _jvp_impl, mutates_args=(), schema=_JVP_SCHEMA)
+    _jvp_op.register_fake(_jvp_fake)
+
+
+def _reduce_ce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum(-1)
+    if reduction == "sum":
+        return total
+    return total / (target != ignore_index).sum().clamp(min=1).to(rows.dtype)
+
+
+def _reduce_kd(rows: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum(-1)
+    return total / rows.shape[-1] if reduction == "mean" else total
+
+
+def losses_and_grad(
+    logits: Tensor | Sequence[Tensor],
+    target: Tensor | None,
+    ce_weight: Tensor | None,
+    kd_weight: Tensor | None,
+    *,
+    temperature: float,
+    mask: PairMask,
+    detach_teacher: bool,
+    ignore_index: int,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """Same contract as :func:`hdkd_fast.backends.torch_backend.losses_and_grad`, in one kernel launch."""
+    tensors = _as_list(logits)
+    _, b, _ = _geometry(tensors)
+    x = tensors[0]
+    acc = accumulation_dtype(x.dtype)
+    m = mask_tensor(mask, dtype=acc, device=x.device)
+    ce_w = kd_w = None
+    if compute_grad:
+        if kd_weight is not None:
+            w = kd_weight.to(acc)
+            scale = temperature / b if reduction == "mean" else temperature
+            kd_w = w * (m if w.dim() == 2 else m.unsqueeze(-1)) * scale
+        if ce_weight is not None and target is not None:
+            ce_w = ce_weight.to(acc)
+            if reduction == "mean":
+                ce_w = ce_w / (target != ignore_index).sum().clamp(min=1).to(acc)
+    ce_rows, kd_rows, grad = _losses_op(
+        tensors, target, ce_w, kd_w, m, float(temperature), bool(detach_teacher), int(ignore_index),
+        bool(compute_grad),
+    )
+    ce = _reduce_ce(ce_rows, target, ignore_index, reduction) if target is not None else None
+    return ce, _reduce_kd(kd_rows, reduction), (grad if compute_grad else None)
+
+
+def jvp(
+    logits: Tensor | Sequence[Tensor],
+    tangents: Tensor | Sequence[Tensor],
+    target: Tensor | None,
+    *,
+    temperature: float,
+    mask: PairMask,
+    detach_teacher: bool,
+    ignore_index: int,
+    reduction: str,
+) -> tuple[Tensor | None, Tensor]:
+    """Same contract as :func:`hdkd_fast.backends.torch_backend.jvp`, in one kernel launch."""
+    tensors = _as_list(logits)
+    x = tensors[0]
+    m = mask_tensor(mask, dtype=accumulation_dtype(x.dtype), device=x.device)
+    dce_rows, dkd_rows = _jvp_op(
+        tensors, _as_list(tangents), target, m, float(temperature), bool(detach_teacher), int(ignore_index)
+    )
+    dce = _reduce_ce(dce_rows, target, ignore_index, reduction) if target is not None else None
+    return dce, _reduce_kd(dkd_rows, reduction)
