@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import zlib
 
 import float64_reference as R
@@ -223,6 +226,19 @@ def test_torch_compile_fullgraph():
     assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-7)
     losses = torch.compile(lambda a, b: hk.dense_kd_losses(a, b).kd.sum(), fullgraph=True)(z, y)
     assert_close(losses, hk.dense_kd_losses(z, y).kd.sum(), rtol=1e-6, atol=1e-6)
+
+
+def test_torch_compile_fullgraph_in_a_fresh_process():
+    """The first call of a fresh process compiles too (no backend import left for Dynamo to trace)."""
+    code = (
+        "import torch, hdkd_fast as hk\n"
+        "x = torch.randn(3, 5, 7, requires_grad=True); y = torch.randint(0, 7, (5,))\n"
+        "f = torch.compile(lambda a, b: hk.dense_kd(a, b), fullgraph=True, backend='aot_eager')\n"
+        "torch.testing.assert_close(f(x, y), hk.dense_kd(x, y))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("weights", ["floats", "tensors", "loss_weights"])

@@ -76,6 +76,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+# Import every backend now (each imports without its optional dependency and then reports itself
+# unavailable): an import on first use would happen inside traced code, which torch.compile(fullgraph=True)
+# cannot trace.
+for _name in BACKENDS:
+    _load(_name)
+
+
 def get_backend(name: str) -> ModuleType:
     """The module of a resolved backend name."""
     module = _load(name)

@@ -130,21 +130,27 @@ def losses_and_grad(
     if not compute_grad:
         return ce, kd, None
 
-    grad = torch.zeros_like(z)
+    # Each term is one pass over [K, B, C]: the student term is the matmul of the exit axis with
+    # M = T·r·(diag(Σ_j γ_ij) − γ), so that M @ p = T·r·(Σ_j γ_ij p_i − Σ_j γ_ij p_j).
+    k = z.shape[0]
+    grad: Tensor | None = None
     if kd_weight is not None:
         w = _expand_rows(kd_weight.to(z.dtype), 2) * m.unsqueeze(-1)  # [K, K, 1 or B]
         scale = temperature * r.r_kd
-        student = w.sum(1).unsqueeze(-1) * r.p - _mix(w, r.p)
-        grad = grad + scale * student
+        eye = torch.eye(k, dtype=z.dtype, device=z.device).unsqueeze(-1)
+        grad = _mix(scale * (eye * w.sum(1).unsqueeze(1) - w), r.p)
         if not detach_teacher:
             mixed_logp = _mix(w.transpose(0, 1), r.logp)
             weighted_kl = (w * kl).sum(0)  # [K(j), B]
             teacher = r.p * (w.sum(0).unsqueeze(-1) * r.logp - mixed_logp - weighted_kl.unsqueeze(-1))
-            grad = grad + scale * teacher
+            grad = torch.add(grad, teacher, alpha=scale)
     if ce_weight is not None and r.logq is not None and r.label_index is not None and r.valid is not None:
-        wc = _expand_rows(ce_weight.to(z.dtype), 1) * r.valid * r.r_ce  # [K, B]
-        q = r.logq.exp().scatter_add(-1, r.label_index, -torch.ones_like(r.label_index, dtype=z.dtype))
-        grad = grad + wc.unsqueeze(-1) * q
+        wc = (_expand_rows(ce_weight.to(z.dtype), 1) * r.valid * r.r_ce).unsqueeze(-1)  # [K, B, 1]
+        q = r.p if r.logq is r.logp else r.logq.exp()
+        grad = wc * q if grad is None else torch.addcmul(grad, wc, q)
+        grad = grad.scatter_add(-1, r.label_index, -wc)  # − α r e_y on the label column
+    if grad is None:
+        grad = torch.zeros_like(z)
     return ce, kd, grad.to(x.dtype)
 
 

@@ -95,15 +95,16 @@ class ConvDownNormal(nn.Module):
 class MSDNFirstLayer(nn.Module):
     """Builds the S scales from the image (CIFAR: 3×3 conv; ImageNet: 7×7/2 conv + 3×3/2 max-pool)."""
 
-    def __init__(self, n_channels: int, gr_factor: Sequence[int], stem: Stem) -> None:
+    def __init__(self, n_channels: int, gr_factor: Sequence[int], stem: Stem, in_channels: int = 3) -> None:
         super().__init__()
         width = n_channels * gr_factor[0]
         first: nn.Module
         if stem == "cifar":
-            first = ConvBasic(3, width, kernel=3, stride=1, padding=1)
+            first = ConvBasic(in_channels, width, kernel=3, stride=1, padding=1)
         else:  # the official code keeps the bias of this convolution
             first = nn.Sequential(
-                nn.Conv2d(3, width, 7, 2, 3), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+                nn.Conv2d(in_channels, width, 7, 2, 3), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2, 1),
             )
         self.layers = nn.ModuleList([first])
         for s in range(1, len(gr_factor)):
@@ -226,6 +227,7 @@ class MSDNet(StagedMultiExit):
         reduction: channel compression of the transition after a scale is dropped (``--reduction``).
         stem: ``"cifar"`` (3×3 first conv, 128-channel exit heads) or ``"imagenet"`` (7×7/2 conv and
             max-pool, exit heads as wide as their input).
+        in_channels: channels of the input images (3 for RGB).
     """
 
     def __init__(
@@ -243,12 +245,14 @@ class MSDNet(StagedMultiExit):
         bottleneck: bool = True,
         reduction: float = 0.5,
         stem: Stem = "cifar",
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         num_classes = check_num_classes(num_classes)
         check_choice(step_mode, "step_mode", ("even", "lin_grow"))
         check_choice(stem, "stem", ("cifar", "imagenet"))
-        for name, value in (("n_blocks", n_blocks), ("step", step), ("base", base), ("n_channels", n_channels)):
+        for name, value in (("n_blocks", n_blocks), ("step", step), ("base", base), ("n_channels", n_channels),
+                            ("in_channels", in_channels)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
         if len(gr_factor) < 1 or len(bn_factor) != len(gr_factor):
@@ -267,7 +271,7 @@ class MSDNet(StagedMultiExit):
         self.classifier = nn.ModuleList()
         n_in, layer = n_channels, 0
         for k in range(n_blocks):
-            layers: list[nn.Module] = [MSDNFirstLayer(n_channels, gr_factor, stem)] if k == 0 else []
+            layers: list[nn.Module] = [MSDNFirstLayer(n_channels, gr_factor, stem, in_channels)] if k == 0 else []
             for _ in range(steps[k]):
                 layer += 1
                 in_scales = n_scales - max(0, layer - 2) // interval
@@ -315,6 +319,13 @@ class MSDNet(StagedMultiExit):
         """
         return cls(num_classes, **{**_IMAGENET, **overrides})
 
+    @classmethod
+    def tiny(cls, num_classes: int = 10, **overrides: Any) -> MSDNet:
+        """A small MSDNet for tiny images and CPU demos (e.g. the 8×8 digits): 4 blocks of 1-2-3-4
+        layers (``step_mode="lin_grow"``, step 1, base 1), 8 channels, growth 4, 2 scales (grFactor =
+        bnFactor = 1-2), 32-channel exit heads are replaced by the CIFAR heads' 128 (unchanged)."""
+        return cls(num_classes, **{**_TINY, **overrides})
+
     def stages(self) -> Sequence[tuple[nn.Module, nn.Module]]:
         return list(zip(self.blocks, self.classifier, strict=True))
 
@@ -330,4 +341,8 @@ _CIFAR: dict[str, Any] = dict(
 _IMAGENET: dict[str, Any] = dict(
     n_blocks=5, step=4, base=4, step_mode="even", n_channels=32, growth_rate=16,
     gr_factor=(1, 2, 4, 4), bn_factor=(1, 2, 4, 4), stem="imagenet",
+)  # fmt: skip
+_TINY: dict[str, Any] = dict(
+    n_blocks=4, step=1, base=1, step_mode="lin_grow", n_channels=8, growth_rate=4,
+    gr_factor=(1, 2), bn_factor=(1, 2), stem="cifar",
 )  # fmt: skip

@@ -90,6 +90,7 @@ class MultiExitResNet(StagedMultiExit):
         num_classes: number of classes.
         exits: ``"stages"`` or ``"blocks"``.
         stem: ``"imagenet"`` (7×7/2 conv + max-pool) or ``"cifar"`` (3×3/1 conv, no pooling).
+        in_channels: channels of the input images (3 for RGB).
     """
 
     def __init__(
@@ -99,20 +100,23 @@ class MultiExitResNet(StagedMultiExit):
         *,
         exits: Literal["stages", "blocks"] = "stages",
         stem: Literal["imagenet", "cifar"] = "imagenet",
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         check_choice(depth, "depth", tuple(_LAYOUTS))
         num_classes = check_num_classes(num_classes)
         check_choice(exits, "exits", ("stages", "blocks"))
         check_choice(stem, "stem", ("imagenet", "cifar"))
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int; got {in_channels!r}")
         block_type, counts = _LAYOUTS[depth]
 
         first: list[nn.Module]
         if stem == "imagenet":
-            first = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
+            first = [nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
             first.append(nn.MaxPool2d(3, 2, 1))
         else:
-            first = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
+            first = [nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
 
         groups: list[list[nn.Module]] = []  # the modules of each stage (exits="stages") or block
         widths: list[int] = []  # their output channels

@@ -1,0 +1,181 @@
+r"""The ``"native"`` backend: the fused C++ (CPU) and CUDA kernels of the compiled extension
+``hdkd_fast._C`` (``csrc/``), registered as the PyTorch ops ``torch.ops.hdkd_fast.losses_and_grad``
+and ``torch.ops.hdkd_fast.jvp`` (dispatching on the tensors' device).
+
+Same ops, signatures and math as :mod:`hdkd_fast.backends.torch_backend`. The logits are read in
+place: a stacked ``Tensor[K, B, C]`` is handed over as K views and a sequence of K ``Tensor[B, C]``
+as is (no stacking copy); only the last dimension must be contiguous. Per row, the kernels take the
+softmax of every exit once (one ``exp`` per logit for an integer temperature, which also yields the
+T = 1 softmax of the cross-entropy) and then the KL of every selected pair and each exit's gradient
+in a second pass. Per-row losses are reduced in a fixed order, so results do not depend on the
+number of threads. The ops are not differentiable themselves: :mod:`hdkd_fast._autograd` calls them
+under ``no_grad`` and handles double backward with the ``"torch"`` backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._pairs import PairMask
+
+NAME = "native"
+
+_C: ModuleType | None
+try:
+    from .. import _C  # type: ignore[attr-defined, no-redef]
+except ImportError as _exc:  # not built (HDKD_FAST_NO_EXT, no compiler) or built for another torch
+    _C = None
+    _IMPORT_ERROR: str | None = f"hdkd_fast._C cannot be imported ({_exc})"
+else:
+    _IMPORT_ERROR = None
+
+
+def _torch_mismatch() -> str | None:
+    if _C is None:
+        return None
+    built = str(getattr(_C, "torch_version", ""))
+    running = torch.__version__.split("+")[0]
+    if built.split(".")[:2] != running.split(".")[:2]:
+        return f"hdkd_fast._C was built against torch {built} but torch {running} is running; reinstall hdkd_fast"
+    return None
+
+
+_MISMATCH = _torch_mismatch()
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """``None`` when the extension is importable and has kernels for ``device``'s type."""
+    if _C is None:
+        return _IMPORT_ERROR
+    if _MISMATCH is not None:
+        return _MISMATCH
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if bool(getattr(_C, "with_cuda", False)):
+            return None
+        return "hdkd_fast._C was built without CUDA kernels (rebuild with a GPU visible or FORCE_CUDA=1)"
+    return f"hdkd_fast._C has no kernels for {device.type} tensors"
+
+
+def build_info() -> dict[str, Any]:
+    """What this installation's extension holds (for ``python -m hdkd_fast.info``)."""
+    if _C is None:
+        return {"built": False, "error": _IMPORT_ERROR}
+    info: dict[str, Any] = {
+        "built": True,
+        "path": getattr(_C, "__file__", None),
+        "torch_version": getattr(_C, "torch_version", None),
+        "cpu_capability": _C.cpu_capability(),
+        "compiled_cpu_capabilities": list(_C.compiled_cpu_capabilities()),
+        "with_cuda": bool(_C.with_cuda),
+    }
+    if _C.with_cuda:
+        info["cuda_archs"] = str(_C.cuda_archs)
+        info["cuda_info"] = str(_C.cuda_info())
+    if _MISMATCH is not None:
+        info["error"] = _MISMATCH
+    return info
+
+
+_PAIRS: dict[PairMask, list[int]] = {}
+
+
+def _pairs(mask: PairMask) -> list[int]:
+    """The selected pairs as a flat ``[i0, j0, i1, j1, ...]`` list (cached per mask)."""
+    flat = _PAIRS.get(mask) if not torch.compiler.is_compiling() else None
+    if flat is None:
+        flat = [v for i, row in enumerate(mask) for j, sel in enumerate(row) if sel for v in (i, j)]
+        if not torch.compiler.is_compiling():
+            _PAIRS[mask] = flat
+    return list(flat)
+
+
+def _exits(logits: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """K ``Tensor[B, C]`` views, without copying a stacked tensor."""
+    return list(logits.unbind(0)) if isinstance(logits, Tensor) else list(logits)
+
+
+def losses_and_grad(
+    logits: Tensor | Sequence[Tensor],
+    target: Tensor | None,
+    ce_weight: Tensor | None,
+    kd_weight: Tensor | None,
+    *,
+    temperature: float,
+    mask: PairMask,
+    detach_teacher: bool,
+    ignore_index: int,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """See :func:`hdkd_fast.backends.torch_backend.losses_and_grad` (same contract)."""
+    with torch.no_grad():
+        ce, kd, grad = torch.ops.hdkd_fast.losses_and_grad(
+            _exits(logits), target, ce_weight, kd_weight, _pairs(mask), float(temperature),
+            bool(detach_teacher), int(ignore_index), reduction, bool(compute_grad),
+        )
+    return (ce if target is not None else None), kd, (grad if compute_grad else None)
+
+
+def jvp(
+    logits: Tensor | Sequence[Tensor],
+    tangents: Tensor | Sequence[Tensor],
+    target: Tensor | None,
+    *,
+    temperature: float,
+    mask: PairMask,
+    detach_teacher: bool,
+    ignore_index: int,
+    reduction: str,
+) -> tuple[Tensor | None, Tensor]:
+    """See :func:`hdkd_fast.backends.torch_backend.jvp` (same contract)."""
+    with torch.no_grad():
+        dce, dkd = torch.ops.hdkd_fast.jvp(
+            _exits(logits), _exits(tangents), target, _pairs(mask), float(temperature),
+            bool(detach_teacher), int(ignore_index), reduction,
+        )
+    return (dce if target is not None else None), dkd
+
+
+def _register_fakes() -> None:
+    """Shape functions of the ops, so torch.compile / FakeTensor tracing can see through them."""
+
+    def acc_dtype(x: Tensor) -> torch.dtype:
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def losses_fake(logits: list[Tensor], target: Tensor | None, ce_weight: Tensor | None,
+                    kd_weight: Tensor | None, pairs: list[int], temperature: float, detach_teacher: bool,
+                    ignore_index: int, reduction: str, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        x = logits[0]
+        k, (b, c) = len(logits), x.shape
+        rows = (b,) if reduction == "none" else ()
+        acc = acc_dtype(x)
+        ce = x.new_empty((k, *rows) if target is not None else (0,), dtype=acc)
+        kd = x.new_empty((k, k, *rows), dtype=acc)
+        grad = x.new_empty((k, b, c) if compute_grad else (0,))
+        return ce, kd, grad
+
+    def jvp_fake(logits: list[Tensor], tangents: list[Tensor], target: Tensor | None, pairs: list[int],
+                 temperature: float, detach_teacher: bool, ignore_index: int,
+                 reduction: str) -> tuple[Tensor, Tensor]:
+        x = logits[0]
+        k, b = len(logits), x.shape[0]
+        rows = (b,) if reduction == "none" else ()
+        acc = acc_dtype(x)
+        dce = x.new_empty((k, *rows) if target is not None else (0,), dtype=acc)
+        return dce, x.new_empty((k, k, *rows), dtype=acc)
+
+    for name, fn in (("hdkd_fast::losses_and_grad", losses_fake), ("hdkd_fast::jvp", jvp_fake)):
+        with contextlib.suppress(RuntimeError):  # already registered (module reloaded)
+            torch.library.register_fake(name)(fn)
+
+
+if _C is not None and _MISMATCH is None:
+    _register_fakes()
