@@ -1,0 +1,35 @@
+"""Datasets of the training CLI: uint8 images in memory or decoded lazily, augmentation, deterministic batches.
+
+- :func:`load_dataset` -> :class:`DataBundle` (train / val / test :class:`ImageDataset` splits, classes,
+  input shape, normalization statistics) for one of :data:`DATASETS`:
+
+  - ``"digits"``: scikit-learn's bundled 8×8 handwritten digits, the default when no data directory is
+    given (no download);
+  - ``"cifar10"``, ``"cifar100"``: the python-pickle version, as a folder or its ``.tar.gz`` archive;
+  - ``"imagefolder"``: ``root/train/<class>/<image>`` (+ ``test``/``val``), decoded with Pillow;
+
+- :class:`Augment`: random crop with zero padding, horizontal flip and normalization of whole batches
+  with torch ops, drawing from a given generator;
+- :class:`EpochLoader`: the batches of one epoch for one (DDP) rank, a pure function of (seed, epoch).
+
+scikit-learn, Pillow and numpy are imported only when a dataset needs them (``pip install 'hdkd_fast[train]'``).
+"""
+
+from .augment import Augment, AugmentParams
+from .dataset import ImageDataset, TensorImageDataset
+from .folder import IMAGE_EXTENSIONS, FolderImageDataset
+from .load import DATASETS, DataBundle, load_dataset
+from .loader import EpochLoader
+
+__all__ = [
+    "DATASETS",
+    "IMAGE_EXTENSIONS",
+    "Augment",
+    "AugmentParams",
+    "DataBundle",
+    "EpochLoader",
+    "FolderImageDataset",
+    "ImageDataset",
+    "TensorImageDataset",
+    "load_dataset",
+]
