@@ -162,6 +162,9 @@ class HDKD:
         self.reuse_inner_gradient: bool = reuse_inner_gradient
         self.val_ema: Tensor | None = None
         self.calls: int = 0
+        self.last_logits: Logits | None = None
+        """The (detached) logits of the last real step's forward, e.g. for training accuracy; ``None``
+        when that step reused the inner gradient (no forward of its own)."""
 
     def _weights(self, weights: HarmonizedWeights | None) -> HarmonizedWeights:
         if weights is not None:
@@ -264,6 +267,7 @@ class HDKD:
             stats["hypergrad_norm"] = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])))
 
         self.optimizer.zero_grad(set_to_none=True)
+        self.last_logits = None
         if update and self.reuse_inner_gradient:
             named = dict(self.module.named_parameters())
             for name, grad in result.train_grads.items():
@@ -272,8 +276,10 @@ class HDKD:
         else:
             with torch.no_grad():
                 w = self.weights()
-            loss = self.criterion(model_logits(self.model(x), self.weights.num_exits), y, weights=w)
+            logits = model_logits(self.model(x), self.weights.num_exits)
+            loss = self.criterion(logits, y, weights=w)
             loss.backward()
+            self.last_logits = logits.detach() if isinstance(logits, Tensor) else [z.detach() for z in logits]
         self.optimizer.step()
 
         stats["loss"] = float(loss.detach())

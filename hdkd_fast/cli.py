@@ -1,0 +1,185 @@
+"""The ``hdkd-fast`` command (also ``python -m hdkd_fast``): ``train``, ``evaluate``, ``bench``, ``info``.
+
+Run ``hdkd-fast COMMAND --help`` for the options of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .training.config import AMP_MODES, DEVICES, METHODS, SCHEDULES, TrainConfig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args))
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # bad arguments or data: one clear line
+        print(f"hdkd-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hdkd-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _train_parser(sub.add_parser("train", help="train a multi-exit model with one method",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    _evaluate_parser(sub.add_parser("evaluate", help="evaluate runs and compare them (table + plots)"))
+    _bench_parser(sub.add_parser("bench", help="time the dense-KD backends against the naive loop and torch.compile"))
+    info = sub.add_parser("info", help="versions, devices and the compiled backends")
+    info.set_defaults(run=_info)
+    return parser
+
+
+# -- train ----------------------------------------------------------------------------------------
+
+
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--method", choices=METHODS, default=d.method, help="training method (README: Methods)")
+    p.add_argument("--dataset", choices=("digits", "cifar10", "cifar100", "imagefolder"), default=None,
+                   help="default: detected from --data-dir; the embedded digits without one")
+    p.add_argument("--data-dir", default=None, help="CIFAR python folder / .tar.gz, or an ImageFolder root")
+    p.add_argument("--model", default=None, help="msdnet[-cifar|-imagenet|-tiny], resnet18|34|50[-blocks]; "
+                   "default msdnet-tiny on digits, msdnet otherwise")
+    p.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<model>-<method>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--epochs", type=int, default=None, help="default 300 (paper), 12 on digits")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    p.add_argument("--milestones", type=float, nargs="+", default=list(d.milestones),
+                   help="multistep: fractions of the run where the lr is multiplied by --gamma")
+    p.add_argument("--gamma", type=float, default=d.gamma)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="distillation temperature T")
+    p.add_argument("--val-size", type=float, default=None,
+                   help="validation images held out of the training set (count, or fraction < 1); "
+                   "default 5000 on CIFAR, 10%% otherwise")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many images per split (smoke tests)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", choices=DEVICES, default=d.device)
+    p.add_argument("--amp", choices=AMP_MODES, default=d.amp, help="bf16 autocast: auto = on CUDA only")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on CUDA only")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "native"), default=d.backend,
+                   help="backend of the fused dense-KD op")
+    p.add_argument("--workers", type=int, default=d.workers, help="data loader processes (image folders)")
+    g = p.add_argument_group("hdkd (harmonized weights)")
+    g.add_argument("--hypergrad", choices=("jvp", "fd", "exact"), default=d.hypergrad)
+    g.add_argument("--weight-lr", type=float, default=d.weight_lr, help="Adam lr of the weights φ")
+    g.add_argument("--update-every", type=int, default=d.update_every)
+    g.add_argument("--validation", choices=("ce", "balanced"), default=d.validation)
+    g = p.add_argument_group("other methods")
+    g.add_argument("--dbt-schedule", choices=("adaptive", "constant"), default=d.dbt_schedule,
+                   help="dbt: temperature from the teacher's outputs (paper) or --temperature")
+    g.add_argument("--feature-weight", type=float, default=d.feature_weight, help="ekd: attention-distillation weight")
+    g.add_argument("--teacher", default=None, help="erde: run directory or checkpoint.pt of the teacher")
+    g.add_argument("--entropy-weight", type=float, default=d.entropy_weight, help="erde: entropy-term weight")
+    g.add_argument("--uncertainty-lambda", type=float, default=d.uncertainty_lambda, help="dkd-uncertainty: λ")
+    g.add_argument("--gradient-equilibrium", action="store_true", help="IMTA gradient rescaling (any method)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    val_size = args.val_size
+    if val_size is not None and val_size >= 1:
+        if val_size != int(val_size):
+            raise ValueError(f"--val-size must be a whole count or a fraction below 1; got {val_size}")
+        val_size = int(val_size)
+    config = TrainConfig(
+        method=args.method, dataset=args.dataset, data_dir=args.data_dir, model=args.model, out=args.out,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+        weight_decay=args.weight_decay, schedule=args.schedule, milestones=tuple(args.milestones), gamma=args.gamma,
+        temperature=args.temperature, val_size=val_size, limit=args.limit, seed=args.seed, device=args.device,
+        amp=args.amp, channels_last=args.channels_last, backend=args.backend, workers=args.workers,
+        hypergrad=args.hypergrad, weight_lr=args.weight_lr, update_every=args.update_every,
+        validation=args.validation, dbt_schedule=args.dbt_schedule, feature_weight=args.feature_weight,
+        teacher=args.teacher, entropy_weight=args.entropy_weight, uncertainty_lambda=args.uncertainty_lambda,
+        gradient_equilibrium=args.gradient_equilibrium, progress=args.progress,
+    )
+    run_dir = train(config, resume=args.resume)
+    _print_runs([run_dir])
+    return 0
+
+
+# -- evaluate -------------------------------------------------------------------------------------
+
+
+def _evaluate_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="*", help="run directories (final.json, or a checkpoint to evaluate)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="RUN", help="more runs to compare side by side")
+    p.add_argument("--out", default=None, help="where the comparison plots go (default: <first run>/../compare)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.set_defaults(run=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .training.loop import FINAL, evaluate_run
+    from .training.report import compare_runs
+
+    runs = [Path(r) for r in [*args.runs, *args.compare]]
+    if not runs:
+        raise ValueError("give at least one run directory")
+    for run in runs:
+        if not (run / FINAL).exists():
+            print(f"{run}: no {FINAL}; evaluating its checkpoint")
+            evaluate_run(run, device=args.device)
+    if len(runs) == 1:
+        _print_runs(runs)
+        return 0
+    out = Path(args.out) if args.out else runs[0].resolve().parent / "compare"
+    result = compare_runs(runs, out)
+    print("test top-1 accuracy (%) per exit")
+    print(result["table"])
+    print("\nplots: " + ", ".join(str(p) for p in result["plots"]))
+    return 0
+
+
+def _print_runs(runs: Sequence[Path]) -> None:
+    from .training.report import format_exit_table, read_final
+
+    finals = {str(run): read_final(run) for run in runs}
+    print("test top-1 accuracy (%) per exit")
+    print(format_exit_table(finals))
+    print("run files: " + ", ".join(str(r) for r in runs))
+
+
+# -- bench / info ---------------------------------------------------------------------------------
+
+
+def _bench_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exits", type=int, nargs="+", default=[2, 4, 8, 16], help="K values")
+    p.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000], help="C values")
+    p.add_argument("--batch", type=int, default=None, help="B (default 256 on CPU, 4096 on CUDA)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the loop")
+    p.set_defaults(run=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_table
+
+    print(run_table(exits=args.exits, classes=args.classes, batch=args.batch, device=args.device,
+                    dtype=args.dtype, compile_reference=args.compile))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .info import main as info_main
+
+    info_main()
+    return 0

@@ -1,0 +1,154 @@
+"""``TrainConfig``: every setting of one training run (the arguments of ``hdkd-fast train``).
+
+Written to ``config.json`` in the run directory and stored in every checkpoint, so ``--resume`` and
+``hdkd-fast evaluate`` rebuild exactly the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("ce", "dbt", "dkd", "hdkd", "ekd", "erde", "dkd-uncertainty")
+"""Training methods; see :mod:`hdkd_fast.training.methods`."""
+
+SCHEDULES = ("multistep", "cosine")
+AMP_MODES = ("auto", "bf16", "off")
+DEVICES = ("auto", "cpu", "cuda")
+
+PAPER_EPOCHS = 300
+"""MSDNet / HDKD CIFAR recipe: 300 epochs, batch 64, SGD lr 0.1 (÷10 at 50 % and 75 %), momentum 0.9,
+weight decay 1e-4. The embedded digits default trains for :data:`DIGITS_EPOCHS` instead."""
+DIGITS_EPOCHS = 12
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one run; ``None`` means "the default for the dataset" (resolved by :meth:`resolved`)."""
+
+    method: str = "hdkd"
+    dataset: str | None = None
+    data_dir: str | None = None
+    model: str | None = None
+    out: str | None = None
+    epochs: int | None = None
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    schedule: str = "multistep"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    temperature: float = 4.0
+    val_size: float | None = None
+    limit: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool | None = None
+    backend: str = "auto"
+    workers: int = 0
+    # hdkd
+    hypergrad: str = "jvp"
+    weight_lr: float = 1e-3
+    update_every: int = 1
+    validation: str = "ce"
+    # dbt
+    dbt_schedule: str = "adaptive"
+    # ekd
+    feature_weight: float = 1.0
+    # erde
+    teacher: str | None = None
+    entropy_weight: float = 1.0
+    # dkd-uncertainty
+    uncertainty_lambda: float = 1.0
+    # any method
+    gradient_equilibrium: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the dataset-dependent defaults filled in (``dataset`` must be known)."""
+        if self.dataset is None:
+            raise ValueError("resolved() needs the dataset name")
+        small = self.dataset == "digits"
+        return dataclasses.replace(
+            self,
+            epochs=self.epochs if self.epochs is not None else (DIGITS_EPOCHS if small else PAPER_EPOCHS),
+            model=self.model if self.model is not None else ("msdnet-tiny" if small else "msdnet"),
+        )
+
+    def validate(self) -> TrainConfig:
+        """Check every field; raise a ``ValueError``/``TypeError`` naming the offending argument."""
+        _choice("method", self.method, METHODS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("amp", self.amp, AMP_MODES)
+        _choice("device", self.device, DEVICES)
+        _choice("hypergrad", self.hypergrad, ("jvp", "fd", "exact"))
+        _choice("validation", self.validation, ("ce", "balanced"))
+        _choice("dbt_schedule", self.dbt_schedule, ("adaptive", "constant"))
+        for name in ("batch_size", "update_every"):
+            _positive_int(name, getattr(self, name))
+        if self.epochs is not None:
+            _positive_int("epochs", self.epochs)
+        if self.limit is not None:
+            _positive_int("limit", self.limit)
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers must be an int >= 0; got {self.workers!r}")
+        for name in ("lr", "temperature", "weight_lr"):
+            _positive_float(name, getattr(self, name))
+        for name in ("momentum", "weight_decay", "feature_weight", "entropy_weight", "uncertainty_lambda"):
+            _non_negative_float(name, getattr(self, name))
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1]; got {self.gamma!r}")
+        if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing fractions of the run in (0, 1); got {self.milestones}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        if self.val_size is not None and (not isinstance(self.val_size, numbers.Real) or self.val_size <= 0):
+            raise ValueError(f"val_size must be a positive count or a fraction in (0, 1); got {self.val_size!r}")
+        if self.method == "erde" and not self.teacher:
+            raise ValueError("method 'erde' needs --teacher CHECKPOINT (a run directory or its checkpoint.pt)")
+        if self.method != "erde" and self.teacher:
+            raise ValueError(f"--teacher is only used by method 'erde', not {self.method!r}")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["milestones"] = list(self.milestones)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}")
+        values = dict(data)
+        if "milestones" in values:
+            values["milestones"] = tuple(values["milestones"])
+        return cls(**values)
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+
+
+def _positive_float(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+
+
+def _non_negative_float(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")

@@ -1,0 +1,350 @@
+"""``train(config)``: the whole run of ``hdkd-fast train``.
+
+Per epoch: the batches of a seeded permutation (:class:`~hdkd_fast.data.EpochLoader`), augmented on the
+device, one :class:`~hdkd_fast.training.methods.TrainMethod` step each (with a tqdm bar showing the loss
+and every exit's running accuracy), the learning-rate schedule, the validation split's per-exit accuracy,
+one line appended to ``metrics.jsonl`` (and TensorBoard scalars when ``tensorboard`` is installed), and an
+atomic ``checkpoint.pt`` (model, optimizer, scheduler, method state incl. φ and its optimizer, every
+rank's random-number state, epoch). At the end: ``final.json`` and the PNG plots.
+
+Resuming (``resume=True``) restores all of it, so ``2 epochs`` and ``1 epoch + resume 1 epoch`` give
+bit-identical models on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .._validation import Logits
+from ..data import Augment, DataBundle, EpochLoader, load_dataset
+from ..distill import GradientEquilibrium
+from ..models.base import MultiExitModule
+from ..models.zoo import build_model
+from . import distributed as dist_utils
+from .checkpoint import CHECKPOINT, CHECKPOINT_VERSION, load_checkpoint, rng_state, save_atomic, set_rng_state
+from .config import TrainConfig
+from .evaluate import collect_logits, final_summary, split_metrics
+from .methods import METHOD_CLASSES, Batch, TrainMethod, cycle
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+FINAL = "final.json"
+
+
+def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Train one run as ``config`` says; returns the run directory.
+
+    With ``resume=True`` the run in ``config.out`` continues from its checkpoint with the stored
+    configuration (only ``epochs``, ``progress`` and ``workers`` of ``config`` are taken, to extend a run).
+    """
+    ctx = dist_utils.setup(config.device)
+    try:
+        return _train(config, ctx, resume, log)
+    finally:
+        dist_utils.teardown(ctx)
+
+
+def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Callable[[str], None]) -> Path:
+    state: dict[str, Any] | None = None
+    if resume:
+        if not config.out:
+            raise ValueError("resume needs the run directory (--out)")
+        state = load_checkpoint(config.out)
+        stored = TrainConfig.from_json(state["config"])
+        config = dataclasses.replace(stored, epochs=config.epochs or stored.epochs, progress=config.progress,
+                                     workers=config.workers, out=config.out)
+    config.validate()
+    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed)
+    config = dataclasses.replace(config, dataset=data.name).resolved().validate()
+    data = _limited(data, config.limit)
+    run_dir = Path(config.out or f"runs/{data.name}-{config.model}-{config.method}")
+    if state is None and (run_dir / CHECKPOINT).exists():
+        raise ValueError(f"out directory {str(run_dir)!r} already holds a run; pass --resume to continue it "
+                         "or choose another --out")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG).write_text(json.dumps(config.to_json(), indent=2) + "\n")
+
+    torch.manual_seed(config.seed)
+    base = build_model(config.model or "", data.num_classes, data.input_shape)
+    device = ctx.device
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    model: nn.Module = GradientEquilibrium(base) if config.gradient_equilibrium else base
+    _to_device(model, device, channels_last)
+    wrapped: nn.Module = model
+    if ctx.distributed:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = _autocast(config.amp, device)
+    method = _method(config, wrapped, base.num_exits, data.num_classes, autocast, device)
+    optimizer = torch.optim.SGD(
+        [{"params": list(model.parameters()), "weight_decay": config.weight_decay},
+         {"params": method.parameters(), "weight_decay": 0.0}],
+        lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+    )
+    method.bind(optimizer)
+    scheduler = _scheduler(config, optimizer)
+    assert config.epochs is not None
+    digits = data.name == "digits"
+    augment = Augment(data.mean, data.std, crop_padding=1 if digits else 4, flip=not digits)
+    normalize = Augment(data.mean, data.std, train=False)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + ctx.rank)
+    loader = EpochLoader(data.train, config.batch_size, shuffle=True, seed=config.seed, rank=ctx.rank,
+                         world_size=ctx.world_size, drop_last=len(data.train) >= config.batch_size * ctx.world_size,
+                         num_workers=config.workers)
+    val_loader = EpochLoader(data.val, config.batch_size, shuffle=True, seed=config.seed + 1, rank=ctx.rank,
+                             world_size=ctx.world_size, num_workers=config.workers)
+
+    start_epoch, step, elapsed = 0, 0, 0.0
+    if state is not None:
+        start_epoch, step, elapsed = _restore(state, model, optimizer, scheduler, method, generator, ctx)
+        if ctx.is_main:
+            _truncate_metrics(run_dir / METRICS, start_epoch)
+            log(f"resuming {run_dir} after epoch {start_epoch}")
+    writer = _tensorboard(run_dir) if ctx.is_main else None
+
+    def to_device(batch: Batch, aug: Augment) -> Batch:
+        images, y = batch
+        x = aug(images.to(device, non_blocking=True), generator)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(device, non_blocking=True)
+
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        method.start_epoch(epoch)
+        loader.set_epoch(epoch)
+        val_loader.set_epoch(epoch)
+
+        def val_batches(vl: EpochLoader = val_loader) -> Iterator[Batch]:
+            return (to_device(b, normalize) for b in vl)
+
+        next_val = cycle(val_batches)
+        model.train()
+        totals = torch.zeros(2 + base.num_exits, dtype=torch.float64)  # samples, loss sum, correct per exit
+        with _progress(len(loader), f"epoch {epoch + 1}/{config.epochs}", config.progress and ctx.is_main) as bar:
+            for batch in loader:
+                x, y = to_device(batch, augment)
+                loss, logits = method.step(x, y, next_val)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the training loss became {loss} at epoch {epoch + 1}, step {step + 1}; "
+                                             "lower --lr or check the data")
+                step += 1
+                totals += _batch_totals(loss, logits, y, base.num_exits)
+                acc = (totals[2:] / totals[0].clamp_min(1)).tolist()
+                bar.set_postfix_str(f"loss {totals[1] / totals[0]:.3f} acc " + " ".join(f"{a:.2f}" for a in acc))
+                bar.update()
+        scheduler.step()
+        totals = dist_utils.all_reduce_sum(totals.to(device), ctx).cpu()
+        elapsed += time.perf_counter() - started
+
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "time_s": elapsed,
+                                  "lr": optimizer.param_groups[0]["lr"],
+                                  "train/loss": float(totals[1] / totals[0]),
+                                  "train/top1": (totals[2:] / totals[0]).tolist()}
+        if ctx.is_main:
+            val = split_metrics(*_logits(model, data.val, normalize, config, device, autocast, channels_last))
+            record.update({"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"]})
+        record.update(method.log_values())
+        rngs = dist_utils.gather_objects(rng_state(generator), ctx)
+        if ctx.is_main:
+            _append_metrics(run_dir / METRICS, record, writer)
+            save_atomic({"version": CHECKPOINT_VERSION, "config": config.to_json(), "epoch": epoch + 1,
+                         "step": step, "time_s": elapsed, "num_classes": data.num_classes,
+                         "input_shape": list(data.input_shape), "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "method": method.state_dict(), "rng": rngs}, run_dir / CHECKPOINT)
+            log(f"epoch {epoch + 1}/{config.epochs}: loss {record['train/loss']:.4f}, val top-1 "
+                + " ".join(f"{100 * a:.1f}" for a in record["val/top1"]) + f" ({elapsed:.0f} s)")
+        dist_utils.barrier(ctx)
+
+    if ctx.is_main:
+        _finish(run_dir, config, base, model, data, elapsed, device, autocast, channels_last, log)
+        if writer is not None:
+            writer.close()
+    dist_utils.barrier(ctx)
+    return run_dir
+
+
+def evaluate_run(run_dir: str | Path, *, device: str = "auto", log: Callable[[str], None] = print) -> Path:
+    """Write ``final.json`` (and the plots) of a run from its last checkpoint, e.g. one that was stopped."""
+    state = load_checkpoint(run_dir)
+    config = TrainConfig.from_json(state["config"])
+    ctx = dist_utils.setup(device)
+    if ctx.distributed:
+        raise ValueError("evaluate runs in one process; do not start it with torchrun")
+    data = _limited(load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed),
+                    config.limit)
+    base = build_model(config.model or "", data.num_classes, data.input_shape)
+    model: nn.Module = GradientEquilibrium(base) if config.gradient_equilibrium else base
+    model.load_state_dict(state["model"])
+    channels_last = bool(config.channels_last) if config.channels_last is not None else ctx.device.type == "cuda"
+    _to_device(model, ctx.device, channels_last)
+    _finish(Path(run_dir), config, base, model, data, float(state["time_s"]), ctx.device,
+            _autocast(config.amp, ctx.device), channels_last, log)
+    return Path(run_dir)
+
+
+def _finish(run_dir: Path, config: TrainConfig, base: MultiExitModule, model: nn.Module, data: DataBundle,
+            elapsed: float, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+            channels_last: bool, log: Callable[[str], None]) -> None:
+    """``final.json`` (test accuracy per exit, exit costs, budgeted curve) and the plots of a run."""
+    normalize = Augment(data.mean, data.std, train=False)
+    val_out = _logits(model, data.val, normalize, config, device, autocast, channels_last)
+    test_out = _logits(model, data.test, normalize, config, device, autocast, channels_last)
+    summary = {"method": config.method, "dataset": data.name, "model": config.model,
+               "num_exits": base.num_exits, "epochs": config.epochs, "train_time_s": elapsed,
+               **final_summary(base, val_out, test_out, data.input_shape)}
+    (run_dir / FINAL).write_text(json.dumps(summary, indent=2) + "\n")
+    _write_plots(run_dir, log)
+
+
+def _method(config: TrainConfig, model: nn.Module, num_exits: int, num_classes: int,
+            autocast: Callable[[], contextlib.AbstractContextManager[Any]], device: torch.device) -> TrainMethod:
+    teacher = load_teacher(config.teacher, num_classes).to(device) if config.teacher else None
+    return METHOD_CLASSES[config.method](model, config, num_exits, num_classes, autocast, teacher=teacher)
+
+
+def load_teacher(path: str, num_classes: int) -> MultiExitModule:
+    """The frozen model of a finished run (its directory or ``checkpoint.pt``), for ``erde``."""
+    state = load_checkpoint(path)
+    cfg = TrainConfig.from_json(state["config"])
+    if state["num_classes"] != num_classes:
+        raise ValueError(f"teacher {path!r} predicts {state['num_classes']} classes but the data has {num_classes}")
+    weights: dict[str, Tensor] = state["model"]
+    if cfg.gradient_equilibrium:  # the GradientEquilibrium wrapper holds the network as .model
+        weights = {k.removeprefix("model."): v for k, v in weights.items()}
+    teacher = build_model(cfg.model or "", num_classes, tuple(state["input_shape"]))
+    teacher.load_state_dict(weights)
+    return teacher.eval().requires_grad_(False)
+
+
+def _to_device(model: nn.Module, device: torch.device, channels_last: bool) -> None:
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+def _limited(data: DataBundle, limit: int | None) -> DataBundle:
+    """At most ``limit`` images per split (the first ones; for smoke tests and demos)."""
+    if limit is None:
+        return data
+    cut = {name: getattr(data, name) for name in ("train", "val", "test")}
+    cut = {name: ds.subset(torch.arange(min(limit, len(ds)))) for name, ds in cut.items()}
+    return dataclasses.replace(data, **cut)
+
+
+def _autocast(amp: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """bf16 autocast on CUDA (``amp="auto"`` or ``"bf16"``) or on the CPU when asked (``"bf16"``)."""
+    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+
+    def make() -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    return make
+
+
+def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    assert config.epochs is not None
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    milestones = sorted({max(1, round(f * config.epochs)) for f in config.milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.gamma)
+
+
+def _logits(model: nn.Module, dataset: Any, normalize: Augment, config: TrainConfig, device: torch.device,
+            autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+            channels_last: bool) -> tuple[list[Tensor], Tensor]:
+    return collect_logits(model, dataset, normalize, batch_size=max(config.batch_size, 256), device=device,
+                          autocast=autocast, channels_last=channels_last)
+
+
+def _batch_totals(loss: float, logits: Logits | None, y: Tensor, num_exits: int) -> Tensor:
+    """``[samples, loss · samples, correct at exit 1..K]`` of one batch (correct = 0 when unknown)."""
+    out = torch.zeros(2 + num_exits, dtype=torch.float64)
+    out[0] = y.numel()
+    out[1] = loss * y.numel()
+    if logits is not None:
+        for k, z in enumerate(logits):
+            out[2 + k] = float((z.argmax(dim=1) == y).sum())
+    return out
+
+
+def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, method: TrainMethod, generator: torch.Generator,
+             ctx: dist_utils.Context) -> tuple[int, int, float]:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    method.load_state_dict(state["method"])
+    rngs = state["rng"]
+    if len(rngs) != ctx.world_size:
+        raise ValueError(f"the checkpoint was written by {len(rngs)} processes; resume it with as many "
+                         f"(this run has {ctx.world_size})")
+    set_rng_state(rngs[ctx.rank], generator)
+    return int(state["epoch"]), int(state["step"]), float(state["time_s"])
+
+
+def _truncate_metrics(path: Path, epochs: int) -> None:
+    """Drop the records of epochs after the checkpoint (written before a crash)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epochs]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _append_metrics(path: Path, record: dict[str, Any], writer: Any) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    if writer is None:
+        return
+    epoch = record["epoch"]
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key != "epoch":
+            writer.add_scalar(key, value, epoch)
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            for k, v in enumerate(value):
+                writer.add_scalar(f"{key}/exit{k + 1}", v, epoch)
+    writer.flush()
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    """A TensorBoard writer when ``tensorboard`` is installed, else ``None``."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str, enabled: bool) -> Iterator[Any]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, mininterval=0.5)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _write_plots(run_dir: Path, log: Callable[[str], None]) -> None:
+    try:
+        from .report import write_run_plots
+
+        paths = write_run_plots(run_dir)
+    except ImportError as exc:  # matplotlib missing: the run itself is complete
+        log(f"plots skipped: {exc}")
+        return
+    log("plots: " + ", ".join(str(p) for p in paths))
