@@ -5,10 +5,12 @@ Public API (DESIGN §5): :func:`dense_kd_losses`, :func:`dense_kd`, :class:`Dens
 :class:`hdkd_fast.reference.DenseKD`. Subpackages: :mod:`hdkd_fast.models` (multi-exit networks),
 :mod:`hdkd_fast.inference` (early-exit inference), :mod:`hdkd_fast.evaluation` (anytime and
 budgeted accuracy, exit costs, plots), :mod:`hdkd_fast.bilevel` (:class:`HarmonizedWeights` and the
-:class:`HDKD` bilevel loop).
+:class:`HDKD` bilevel loop), :mod:`hdkd_fast.distill` (EKD, ERDE, adaptive path weights, gradient
+equilibrium, DBT), :mod:`hdkd_fast.data` (datasets of the training CLI) and :mod:`hdkd_fast.training`
+(``hdkd-fast train``; imported on demand).
 """
 
-from . import bilevel, evaluation, inference, models, reference
+from . import bilevel, data, distill, evaluation, inference, models, reference
 from ._pairs import pair_mask
 from ._types import KDLosses, LossWeights
 from .backends import BACKENDS, available_backends
@@ -27,6 +29,8 @@ __all__ = [
     "LossWeights",
     "available_backends",
     "bilevel",
+    "data",
+    "distill",
     "dense_kd",
     "dense_kd_losses",
     "evaluation",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README command (1), until `hdkd-fast train` exists: set up .venv and print the kernel table
+# The kernel table: set up .venv, run `pytest bench/` and print the ratio tables
 # (every available backend against the readable loop, torch.compile of it, and a softmax pass).
 # Extra arguments go to pytest, e.g. `bash scripts/bench.sh --full` on a GPU.
 set -euo pipefail

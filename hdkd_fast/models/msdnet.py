@@ -321,9 +321,14 @@ class MSDNet(StagedMultiExit):
 
     @classmethod
     def tiny(cls, num_classes: int = 10, **overrides: Any) -> MSDNet:
-        """A small MSDNet for tiny images and CPU demos (e.g. the 8×8 digits): 4 blocks of 1-2-3-4
-        layers (``step_mode="lin_grow"``, step 1, base 1), 8 channels, growth 4, 2 scales (grFactor =
-        bnFactor = 1-2), 32-channel exit heads are replaced by the CIFAR heads' 128 (unchanged)."""
+        """A small MSDNet for tiny images and CPU demos (the embedded 8×8 digits of ``hdkd-fast train``):
+        4 blocks of 1, 2, 3, 4 layers (``step_mode="lin_grow"``, step 1, base 1), 8 channels, growth 4,
+        2 scales (grFactor = bnFactor = 1-2), the CIFAR stem and 128-channel exit heads. Not from the paper.
+
+        Measured (:func:`hdkd_fast.evaluation.exit_costs`, FLOPs as in :meth:`cifar`): 0.80 M parameters
+        at ``num_classes=10``; cumulative MFLOPs to exits 1-4 for one 1×8×8 image: 0.61, 1.38, 2.22, 3.34
+        (3×32×32: 10.0, 22.3, 35.6, 53.6).
+        """
         return cls(num_classes, **{**_TINY, **overrides})
 
     def stages(self) -> Sequence[tuple[nn.Module, nn.Module]]:
