@@ -6,6 +6,7 @@ Run ``hdkd-fast COMMAND --help`` for the options of each.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,7 +112,8 @@ def _train(args: argparse.Namespace) -> int:
         gradient_equilibrium=args.gradient_equilibrium, progress=args.progress,
     )
     run_dir = train(config, resume=args.resume)
-    _print_runs([run_dir])
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
+        _print_runs([run_dir])
     return 0
 
 

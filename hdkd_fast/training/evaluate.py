@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..data import Augment, EpochLoader, ImageDataset
 from ..evaluation import anytime_accuracy, budgeted_accuracy, exit_costs
+from ..inference import Criterion
 from ..models.base import MultiExitModule, eval_mode
 
 
@@ -49,18 +50,20 @@ def split_metrics(logits: list[Tensor], y: Tensor) -> dict[str, Any]:
 
 
 def final_summary(model: MultiExitModule, val: tuple[list[Tensor], Tensor], test: tuple[list[Tensor], Tensor],
-                  input_shape: tuple[int, ...]) -> dict[str, Any]:
+                  input_shape: tuple[int, ...], criterion: Criterion = "maxprob") -> dict[str, Any]:
     """What ``final.json`` holds besides the run's identity: per-exit test accuracy, cumulative FLOPs per
-    exit (one sample), and MSDNet's budgeted evaluation (thresholds fit on the validation split)."""
+    exit (one sample), and MSDNet's budgeted evaluation (thresholds fit on the validation split) with the
+    exit ``criterion`` (``"maxprob"``, or ``"entropy"`` for ERDE-trained models)."""
     test_logits, test_y = test
     costs = exit_costs(model, (1, *input_shape))
     acc = anytime_accuracy(test_logits, test_y)
-    curve = budgeted_accuracy(val[0], val[1], test_logits, test_y, costs)
+    curve = budgeted_accuracy(val[0], val[1], test_logits, test_y, costs, criterion)
     return {
         "test/top1": acc.top1.tolist(),
         "test/top5": acc.top5.tolist(),
         "test/loss": split_metrics(test_logits, test_y)["loss"],
         "exit_costs": costs.tolist(),
-        "budget": {"cost": curve.cost.tolist(), "accuracy": curve.accuracy.tolist(), "q": curve.q.tolist()},
+        "budget": {"cost": curve.cost.tolist(), "accuracy": curve.accuracy.tolist(), "q": curve.q.tolist(),
+                   "criterion": criterion},
         "num_test": int(test_y.numel()),
     }

@@ -13,6 +13,7 @@ bit-identical models on the CPU.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -40,6 +41,8 @@ from .methods import METHOD_CLASSES, Batch, TrainMethod, cycle
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 FINAL = "final.json"
+BAR_EVERY = 10
+"""The progress bar's loss and accuracies are refreshed every this many steps (each refresh is a host sync)."""
 
 
 def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> Path:
@@ -62,8 +65,12 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
             raise ValueError("resume needs the run directory (--out)")
         state = load_checkpoint(config.out)
         stored = TrainConfig.from_json(state["config"])
-        config = dataclasses.replace(stored, epochs=config.epochs or stored.epochs, progress=config.progress,
-                                     workers=config.workers, out=config.out)
+        epochs = stored.epochs if config.epochs is None else config.epochs
+        config = dataclasses.replace(stored, epochs=epochs, progress=config.progress, workers=config.workers,
+                                     out=config.out)
+        if config.epochs is not None and config.epochs < int(state["epoch"]):
+            raise ValueError(f"--epochs {config.epochs} is below the {state['epoch']} epochs the checkpoint in "
+                             f"{config.out!r} has already trained")
     config.validate()
     data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed)
     config = dataclasses.replace(config, dataset=data.name).resolved().validate()
@@ -86,7 +93,7 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
     if ctx.distributed:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = _autocast(config.amp, device)
-    method = _method(config, wrapped, base.num_exits, data.num_classes, autocast, device)
+    method = _method(config, wrapped, base.num_exits, data.num_classes, autocast, device, data.input_shape)
     optimizer = torch.optim.SGD(
         [{"params": list(model.parameters()), "weight_decay": config.weight_decay},
          {"params": method.parameters(), "weight_decay": 0.0}],
@@ -108,6 +115,7 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
     start_epoch, step, elapsed = 0, 0, 0.0
     if state is not None:
         start_epoch, step, elapsed = _restore(state, model, optimizer, scheduler, method, generator, ctx)
+        _follow_run_length(scheduler, config)
         if ctx.is_main:
             _truncate_metrics(run_dir / METRICS, start_epoch)
             log(f"resuming {run_dir} after epoch {start_epoch}")
@@ -131,7 +139,8 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
 
         next_val = cycle(val_batches)
         model.train()
-        totals = torch.zeros(2 + base.num_exits, dtype=torch.float64)  # samples, loss sum, correct per exit
+        # samples, loss sum, correct per exit; on the device, read by the host only every BAR_EVERY steps
+        totals = torch.zeros(2 + base.num_exits, dtype=torch.float64, device=device)
         with _progress(len(loader), f"epoch {epoch + 1}/{config.epochs}", config.progress and ctx.is_main) as bar:
             for batch in loader:
                 x, y = to_device(batch, augment)
@@ -140,12 +149,13 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
                     raise FloatingPointError(f"the training loss became {loss} at epoch {epoch + 1}, step {step + 1}; "
                                              "lower --lr or check the data")
                 step += 1
-                totals += _batch_totals(loss, logits, y, base.num_exits)
-                acc = (totals[2:] / totals[0].clamp_min(1)).tolist()
-                bar.set_postfix_str(f"loss {totals[1] / totals[0]:.3f} acc " + " ".join(f"{a:.2f}" for a in acc))
+                _add_batch_totals(totals, loss, logits, y)
+                if bar.n % BAR_EVERY == 0 or bar.n + 1 == len(loader):
+                    mean = (totals[1:] / totals[0]).tolist()
+                    bar.set_postfix_str(f"loss {mean[0]:.3f} acc " + " ".join(f"{a:.2f}" for a in mean[1:]))
                 bar.update()
         scheduler.step()
-        totals = dist_utils.all_reduce_sum(totals.to(device), ctx).cpu()
+        totals = dist_utils.all_reduce_sum(totals, ctx).cpu()
         elapsed += time.perf_counter() - started
 
         record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "time_s": elapsed,
@@ -204,23 +214,29 @@ def _finish(run_dir: Path, config: TrainConfig, base: MultiExitModule, model: nn
     test_out = _logits(model, data.test, normalize, config, device, autocast, channels_last)
     summary = {"method": config.method, "dataset": data.name, "model": config.model,
                "num_exits": base.num_exits, "epochs": config.epochs, "train_time_s": elapsed,
-               **final_summary(base, val_out, test_out, data.input_shape)}
+               **final_summary(base, val_out, test_out, data.input_shape,
+                               criterion="entropy" if config.method == "erde" else "maxprob")}
     (run_dir / FINAL).write_text(json.dumps(summary, indent=2) + "\n")
     _write_plots(run_dir, log)
 
 
 def _method(config: TrainConfig, model: nn.Module, num_exits: int, num_classes: int,
-            autocast: Callable[[], contextlib.AbstractContextManager[Any]], device: torch.device) -> TrainMethod:
-    teacher = load_teacher(config.teacher, num_classes).to(device) if config.teacher else None
+            autocast: Callable[[], contextlib.AbstractContextManager[Any]], device: torch.device,
+            input_shape: tuple[int, ...] | None = None) -> TrainMethod:
+    teacher = load_teacher(config.teacher, num_classes, input_shape).to(device) if config.teacher else None
     return METHOD_CLASSES[config.method](model, config, num_exits, num_classes, autocast, teacher=teacher)
 
 
-def load_teacher(path: str, num_classes: int) -> MultiExitModule:
-    """The frozen model of a finished run (its directory or ``checkpoint.pt``), for ``erde``."""
+def load_teacher(path: str, num_classes: int, input_shape: tuple[int, ...] | None = None) -> MultiExitModule:
+    """The frozen model of a finished run (its directory or ``checkpoint.pt``), for ``erde``; it must predict
+    ``num_classes`` classes and (when given) take images of ``input_shape``."""
     state = load_checkpoint(path)
     cfg = TrainConfig.from_json(state["config"])
     if state["num_classes"] != num_classes:
         raise ValueError(f"teacher {path!r} predicts {state['num_classes']} classes but the data has {num_classes}")
+    if input_shape is not None and tuple(state["input_shape"]) != tuple(input_shape):
+        raise ValueError(f"teacher {path!r} takes images of shape {tuple(state['input_shape'])} but the data's are "
+                         f"{tuple(input_shape)}")
     weights: dict[str, Tensor] = state["model"]
     if cfg.gradient_equilibrium:  # the GradientEquilibrium wrapper holds the network as .model
         weights = {k.removeprefix("model."): v for k, v in weights.items()}
@@ -258,8 +274,30 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.o
     assert config.epochs is not None
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    milestones = sorted({max(1, round(f * config.epochs)) for f in config.milestones})
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.gamma)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=_milestones(config), gamma=config.gamma)
+
+
+def _milestones(config: TrainConfig) -> list[int]:
+    assert config.epochs is not None
+    return sorted({max(1, round(f * config.epochs)) for f in config.milestones})
+
+
+def _follow_run_length(scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig) -> None:
+    """After ``--resume --epochs N`` changed the run's length: the restored multistep schedule takes the
+    milestones of the new length (``--milestones`` are fractions of the run), and the lr is set to what
+    they give at this epoch when that differs from the restored one."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR):
+        return  # cosine keeps its restored period: a finished cosine run has no lr left to extend
+    old, new = scheduler.milestones, collections.Counter(_milestones(config))
+    scheduler.milestones = new
+    passed = scheduler.last_epoch
+
+    def decays(counts: collections.Counter[int]) -> int:
+        return sum(n for m, n in counts.items() if m <= passed)
+
+    if decays(old) != decays(new):
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * scheduler.gamma ** decays(new)
 
 
 def _logits(model: nn.Module, dataset: Any, normalize: Augment, config: TrainConfig, device: torch.device,
@@ -269,15 +307,12 @@ def _logits(model: nn.Module, dataset: Any, normalize: Augment, config: TrainCon
                           autocast=autocast, channels_last=channels_last)
 
 
-def _batch_totals(loss: float, logits: Logits | None, y: Tensor, num_exits: int) -> Tensor:
-    """``[samples, loss · samples, correct at exit 1..K]`` of one batch (correct = 0 when unknown)."""
-    out = torch.zeros(2 + num_exits, dtype=torch.float64)
-    out[0] = y.numel()
-    out[1] = loss * y.numel()
+def _add_batch_totals(totals: Tensor, loss: float, logits: Logits | None, y: Tensor) -> None:
+    """Add ``[samples, loss · samples, correct at exit 1..K]`` of one batch (correct = 0 when unknown)."""
+    totals[0] += y.numel()
+    totals[1] += loss * y.numel()
     if logits is not None:
-        for k, z in enumerate(logits):
-            out[2 + k] = float((z.argmax(dim=1) == y).sum())
-    return out
+        totals[2:] += torch.stack([(z.argmax(dim=1) == y).sum() for z in logits]).to(totals.dtype)
 
 
 def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -300,8 +335,16 @@ def _truncate_metrics(path: Path, epochs: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epochs]
+    kept = [line for line in lines if (epoch := _record_epoch(line)) is not None and epoch <= epochs]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _record_epoch(line: str) -> int | None:
+    """The epoch of a metrics line; ``None`` for a line a crash cut off while it was written."""
+    try:
+        return int(json.loads(line).get("epoch", 0))
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def _append_metrics(path: Path, record: dict[str, Any], writer: Any) -> None:
