@@ -105,14 +105,40 @@ def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> 
         )
 
 
+def check_count(value: object, name: str, minimum: int = 1) -> int:
+    """An int (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return int(value)
+
+
+def check_positive(value: object, name: str) -> float:
+    """A finite real number ``> 0`` (not a bool)."""
+    result = _real(value, name)
+    if not math.isfinite(result) or result <= 0:
+        raise ValueError(f"{name} must be finite and > 0; got {value}")
+    return result
+
+
+def check_nonnegative(value: object, name: str) -> float:
+    """A finite real number ``>= 0`` (not a bool)."""
+    result = _real(value, name)
+    if not math.isfinite(result) or result < 0:
+        raise ValueError(f"{name} must be finite and >= 0; got {value}")
+    return result
+
+
+def _real(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+    return float(value)
+
+
 def check_temperature(temperature: float) -> float:
     """A finite, positive real number."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a real number; got {type(temperature).__name__}")
-    value = float(temperature)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"temperature must be finite and > 0; got {temperature}")
-    return value
+    return check_positive(temperature, "temperature")
 
 
 def check_reduction(reduction: str) -> str:

@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 
 from torch import Tensor
 
+from .._validation import check_count, check_nonnegative, check_positive
 from ..backends import BACKENDS
 
-
-def check_count(value: object, name: str, minimum: int = 1) -> int:
-    """An int (not a bool) ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return int(value)
-
-
-def check_nonnegative(value: object, name: str) -> float:
-    """A finite real number ``>= 0`` (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
-    result = float(value)
-    if not math.isfinite(result) or result < 0:
-        raise ValueError(f"{name} must be finite and >= 0; got {value}")
-    return result
+__all__ = ["as_exit_list", "check_backend", "check_count", "check_nonnegative", "check_positive"]
 
 
 def check_backend(backend: object) -> str:
@@ -57,13 +39,3 @@ def as_exit_list(logits: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}[{k}] must be a Tensor; got {type(t).__name__}")
     return tensors
-
-
-def check_positive(value: object, name: str) -> float:
-    """A finite real number ``> 0`` (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
-    result = float(value)
-    if not math.isfinite(result) or result <= 0:
-        raise ValueError(f"{name} must be finite and > 0; got {value}")
-    return result

@@ -7,10 +7,11 @@ Written to ``config.json`` in the run directory and stored in every checkpoint, 
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+from .._validation import check_count, check_nonnegative, check_positive
 
 METHODS = ("ce", "dbt", "dkd", "hdkd", "ekd", "erde", "dkd-uncertainty")
 """Training methods; see :mod:`hdkd_fast.training.methods`."""
@@ -92,17 +93,16 @@ class TrainConfig:
         _choice("validation", self.validation, ("ce", "balanced"))
         _choice("dbt_schedule", self.dbt_schedule, ("adaptive", "constant"))
         for name in ("batch_size", "update_every"):
-            _positive_int(name, getattr(self, name))
-        if self.epochs is not None:
-            _positive_int("epochs", self.epochs)
-        if self.limit is not None:
-            _positive_int("limit", self.limit)
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ValueError(f"workers must be an int >= 0; got {self.workers!r}")
+            check_count(getattr(self, name), name)
+        for name in ("epochs", "limit"):
+            if getattr(self, name) is not None:
+                check_count(getattr(self, name), name)
+        check_count(self.workers, "workers", minimum=0)
+        check_count(self.seed, "seed", minimum=0)
         for name in ("lr", "temperature", "weight_lr"):
-            _positive_float(name, getattr(self, name))
+            check_positive(getattr(self, name), name)
         for name in ("momentum", "weight_decay", "feature_weight", "entropy_weight", "uncertainty_lambda"):
-            _non_negative_float(name, getattr(self, name))
+            check_nonnegative(getattr(self, name), name)
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1]; got {self.gamma!r}")
         if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
@@ -137,18 +137,3 @@ class TrainConfig:
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}; got {value!r}")
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-
-
-def _positive_float(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-
-
-def _non_negative_float(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
