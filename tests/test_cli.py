@@ -257,9 +257,9 @@ def test_unknown_method_is_an_argparse_error(capsys: pytest.CaptureFixture[str])
 
 
 @pytest.mark.parametrize(("args", "pieces"), [
-    (["--epochs", "0"], ["epochs must be a positive int", "got 0"]),
-    (["--lr", "-1"], ["lr must be a finite number > 0", "got -1.0"]),
-    (["--batch-size", "0"], ["batch_size must be a positive int"]),
+    (["--epochs", "0"], ["epochs must be >= 1", "got 0"]),
+    (["--lr", "-1"], ["lr must be finite and > 0", "got -1.0"]),
+    (["--batch-size", "0"], ["batch_size must be >= 1"]),
     (["--val-size", "2.5"], ["--val-size", "2.5"]),
     (["--method", "erde"], ["method 'erde' needs --teacher"]),
     (["--method", "dkd", "--teacher", "somewhere"], ["--teacher is only used by method 'erde', not 'dkd'"]),
