@@ -6,10 +6,14 @@ Same ops, signatures and math as :mod:`hdkd_fast.backends.torch_backend`. The lo
 place: a stacked ``Tensor[K, B, C]`` is handed over as K views and a sequence of K ``Tensor[B, C]``
 as is (no stacking copy); only the last dimension must be contiguous. Per row, the kernels take the
 softmax of every exit once (one ``exp`` per logit for an integer temperature, which also yields the
-T = 1 softmax of the cross-entropy) and then the KL of every selected pair and each exit's gradient
-in a second pass. Per-row losses are reduced in a fixed order, so results do not depend on the
-number of threads. The ops are not differentiable themselves: :mod:`hdkd_fast._autograd` calls them
-under ``no_grad`` and handles double backward with the ``"torch"`` backend.
+T = 1 softmax of the cross-entropy) together with the dot products of every selected pair's KL, then
+write each exit's gradient once (on CPU: in L1-sized column blocks, see
+``csrc/cpu/dense_kd_cpu_kernel.cpp``). Per-row losses are reduced in a fixed order, so results do not
+depend on the number of threads. On CPU, the ``[K, B, C]`` gradient buffers come from a two-slot pool
+(a buffer returns to it only once its tensor and every view are gone), which spares a training loop
+the page faults of a fresh multi-megabyte buffer per step. The ops are not differentiable themselves:
+:mod:`hdkd_fast._autograd` calls them under ``no_grad`` and handles double backward with the
+``"torch"`` backend.
 """
 
 from __future__ import annotations
