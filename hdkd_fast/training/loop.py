@@ -130,7 +130,6 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
 
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
-        method.start_epoch(epoch)
         loader.set_epoch(epoch)
         val_loader.set_epoch(epoch)
 
@@ -142,7 +141,7 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
         # samples, loss sum, correct per exit; on the device, read by the host only every BAR_EVERY steps
         totals = torch.zeros(2 + base.num_exits, dtype=torch.float64, device=device)
         with _progress(len(loader), f"epoch {epoch + 1}/{config.epochs}", config.progress and ctx.is_main) as bar:
-            for batch in loader:
+            for i, batch in enumerate(loader, start=1):
                 x, y = to_device(batch, augment)
                 loss, logits = method.step(x, y, next_val)
                 if not math.isfinite(loss):
@@ -150,7 +149,7 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
                                              "lower --lr or check the data")
                 step += 1
                 _add_batch_totals(totals, loss, logits, y)
-                if bar.n % BAR_EVERY == 0 or bar.n + 1 == len(loader):
+                if not bar.disable and (i % BAR_EVERY == 1 or i == len(loader)):
                     mean = (totals[1:] / totals[0]).tolist()
                     bar.set_postfix_str(f"loss {mean[0]:.3f} acc " + " ".join(f"{a:.2f}" for a in mean[1:]))
                 bar.update()
@@ -224,7 +223,7 @@ def _method(config: TrainConfig, model: nn.Module, num_exits: int, num_classes: 
             autocast: Callable[[], contextlib.AbstractContextManager[Any]], device: torch.device,
             input_shape: tuple[int, ...] | None = None) -> TrainMethod:
     teacher = load_teacher(config.teacher, num_classes, input_shape).to(device) if config.teacher else None
-    return METHOD_CLASSES[config.method](model, config, num_exits, num_classes, autocast, teacher=teacher)
+    return METHOD_CLASSES[config.method](model, config, num_exits, autocast, teacher=teacher)
 
 
 def load_teacher(path: str, num_classes: int, input_shape: tuple[int, ...] | None = None) -> MultiExitModule:

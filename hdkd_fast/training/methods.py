@@ -38,23 +38,21 @@ Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
 class TrainMethod:
-    """One method: ``step(x, y, next_val)`` trains on a batch and returns ``(loss, logits)``.
+    """One method: ``step(x, y, next_val)`` trains on a batch and returns ``(loss, logits)``; ``next_val()``
+    draws a validation batch (only ``hdkd`` does).
 
     Subclasses set :attr:`name`, and override :meth:`loss` (the usual methods: zero_grad, forward,
     loss, backward, optimizer step) or :meth:`step` as a whole (``hdkd``).
     """
 
     name: ClassVar[str]
-    uses_validation: ClassVar[bool] = False
-    """Whether :meth:`step` draws validation batches (``next_val``)."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, num_exits: int, num_classes: int,
-                 autocast: Autocast, teacher: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, config: TrainConfig, num_exits: int, autocast: Autocast,
+                 teacher: nn.Module | None = None) -> None:
         self.model = model
         self.module: nn.Module = model.module if isinstance(model, DistributedDataParallel) else model
         self.config = config
         self.num_exits = num_exits
-        self.num_classes = num_classes
         self.autocast = autocast
         self.optimizer: torch.optim.Optimizer | None = None
         self.teacher = teacher
@@ -69,9 +67,6 @@ class TrainMethod:
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once the model's optimizer exists."""
         self.optimizer = optimizer
-
-    def start_epoch(self, epoch: int) -> None:
-        """Called before every epoch (0-based)."""
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -200,7 +195,6 @@ class HarmonizedDenseDistillation(TrainMethod):
     step on validation batches (``hypergrad``, ``weight_lr``, ``update_every``, ``validation``)."""
 
     name = "hdkd"
-    uses_validation = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
