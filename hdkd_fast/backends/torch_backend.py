@@ -79,9 +79,10 @@ def _reduce(rows: Tensor, scale: Tensor | float, reduction: str) -> Tensor:
 
 
 def _pair_kl(r: _Rows) -> Tensor:
-    """``KL[i, j, b] = sum_c p_j (log p_j - log p_i)`` for every pair, as one batched matmul."""
-    neg_entropy = (r.p * r.logp).sum(-1)  # [K(j), B]
+    """``KL[i, j, b] = sum_c p_j (log p_j - log p_i)`` for every pair, as one batched matmul (whose
+    diagonal, ``sum_c p_j log p_j``, is the negative entropy the KL needs)."""
     cross = torch.einsum("jbc,ibc->ijb", r.p, r.logp)  # sum_c p_j log p_i
+    neg_entropy = cross.diagonal(dim1=0, dim2=1).transpose(0, 1)  # [K(j), B]
     return neg_entropy.unsqueeze(0) - cross
 
 
@@ -148,7 +149,7 @@ def losses_and_grad(
         wc = (_expand_rows(ce_weight.to(z.dtype), 1) * r.valid * r.r_ce).unsqueeze(-1)  # [K, B, 1]
         q = r.p if r.logq is r.logp else r.logq.exp()
         grad = wc * q if grad is None else torch.addcmul(grad, wc, q)
-        grad = grad.scatter_add(-1, r.label_index, -wc)  # − α r e_y on the label column
+        grad.scatter_add_(-1, r.label_index, -wc)  # − α r e_y on the label column (grad is a fresh tensor)
     if grad is None:
         grad = torch.zeros_like(z)
     return ce, kd, grad.to(x.dtype)
