@@ -4,8 +4,9 @@ same ``[K, B, C]`` tensor (a floor: any fused op must read the logits at least o
 
 ``pytest bench/`` runs the quick CPU grid (four shapes; ``torch.compile`` of the loop only for
 forward+backward, to keep a cold run, compilation included, under 3 minutes on 2 cores);
-``pytest bench/ --full`` the grid K ∈ {2, 4, 8, 16} × C ∈ {10, 100, 1000} (B = 256 on CPU, 4096 on CUDA). ``python bench/report.py RUN.json`` turns a
-``--benchmark-json`` file into the ratio table of bench/RESULTS.md.
+``pytest bench/ --full`` the grid K ∈ {2, 4, 8, 16} × C ∈ {10, 100, 1000} (B = 256 on CPU, 4096 on
+CUDA). ``python bench/report.py RUN.json`` turns a ``--benchmark-json`` file into the ratio table of
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
