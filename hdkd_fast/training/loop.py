@@ -37,10 +37,10 @@ from .checkpoint import CHECKPOINT, CHECKPOINT_VERSION, load_checkpoint, rng_sta
 from .config import TrainConfig
 from .evaluate import collect_logits, final_summary, split_metrics
 from .methods import METHOD_CLASSES, Batch, TrainMethod, cycle
+from .report import FINAL_FILE as FINAL
+from .report import METRICS_FILE as METRICS
 
 CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-FINAL = "final.json"
 BAR_EVERY = 10
 """The progress bar's loss and accuracies are refreshed every this many steps (each refresh is a host sync)."""
 
