@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import hdkd_fast as hk
+from hdkd_fast.bench import loss_function
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 B = 4096 if DEVICE.type == "cuda" else 256
@@ -43,14 +44,7 @@ def _make_step(impl: str, k: int, dtype: torch.dtype, backward: bool) -> Callabl
         def softmax_pass(x: torch.Tensor, y: torch.Tensor) -> None:
             torch.softmax(x, dim=-1)
         return softmax_pass
-    if impl.startswith("reference"):
-        module = hk.reference.DenseKD(k, temperature=4.0)
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
-            torch.compile(module, dynamic=False) if impl == "reference_compiled" else module
-        )
-    else:
-        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return hk.dense_kd(x, y, temperature=4.0, backend=impl)
+    loss_fn = loss_function(impl, k)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         if backward:

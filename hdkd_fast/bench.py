@@ -20,15 +20,22 @@ from .functional import dense_kd
 TEMPERATURE = 4.0
 
 
-def _step(impl: str, k: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    if impl.startswith("reference"):
-        module = reference.DenseKD(k, temperature=TEMPERATURE)
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
-            torch.compile(module, dynamic=False) if impl == "torch.compile(reference)" else module
-        )
-    else:
-        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return dense_kd(x, y, temperature=TEMPERATURE, backend=impl)
+def loss_function(impl: str, num_exits: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(logits, target) -> loss`` of one implementation: a backend name (``dense_kd`` with it),
+    ``"reference"`` (the readable loop ``reference.DenseKD``) or ``"reference_compiled"`` (``torch.compile``
+    of the loop). ``pytest bench/`` times the same functions."""
+    if impl in ("reference", "reference_compiled"):
+        module = reference.DenseKD(num_exits, temperature=TEMPERATURE)
+        return torch.compile(module, dynamic=False) if impl == "reference_compiled" else module
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return dense_kd(x, y, temperature=TEMPERATURE, backend=impl)
+
+    return loss_fn
+
+
+def _training_step(impl: str, k: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    loss_fn = loss_function(impl, k)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x.grad = None
@@ -59,7 +66,7 @@ def run_table(*, exits: Sequence[int], classes: Sequence[int], batch: int | None
     if b < 1:
         raise ValueError(f"batch must be >= 1; got {b}")
     dt = getattr(torch, dtype)
-    impls = [*available_backends(dev), "reference"] + (["torch.compile(reference)"] if compile_reference else [])
+    impls = [*available_backends(dev), "reference"] + (["reference_compiled"] if compile_reference else [])
     lines = [f"dense_kd forward+backward, B={b}, T={TEMPERATURE}, dense pairs, {dtype}, {dev.type}",
              "", "| K | C | implementation | median ms | × vs loop |", "|---:|---:|---|---:|---:|"]
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -67,7 +74,7 @@ def run_table(*, exits: Sequence[int], classes: Sequence[int], batch: int | None
         for c in classes:
             x = (3 * torch.randn(k, b, c, generator=gen, device=dev)).to(dt).requires_grad_()
             y = torch.randint(0, c, (b,), generator=gen, device=dev)
-            times = {impl: time_ms(_step(impl, k), x, y) for impl in impls}
+            times = {impl: time_ms(_training_step(impl, k), x, y) for impl in impls}
             for impl, t in sorted(times.items(), key=lambda kv: kv[1]):
                 lines.append(f"| {k} | {c} | {impl} | {t:.3f} | {times['reference'] / t:.2f} |")
     return "\n".join(lines)
