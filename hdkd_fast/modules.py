@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from ._pairs import PairSpec, pair_mask
 from ._types import LossWeights
 from ._validation import Logits, check_ignore_index, check_temperature
-from .backends import BACKENDS
+from .backends import check_backend
 from .functional import dense_kd
 
 
@@ -38,8 +38,7 @@ class DenseKD(nn.Module):
         super().__init__()
         if num_exits is not None and (isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1):
             raise ValueError(f"num_exits must be a positive int or None; got {num_exits!r}")
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}; got {backend!r}")
+        check_backend(backend)
         self.num_exits = num_exits
         self.temperature = check_temperature(temperature)
         self.detach_teacher = bool(detach_teacher)

@@ -57,6 +57,13 @@ def available_backends(device: DeviceLike = None) -> list[str]:
     return [name for name in order if _unavailable_reason(name, dev) is None]
 
 
+def check_backend(backend: object) -> str:
+    """``"auto"`` or one of :data:`BACKENDS` (whether it is available is checked at call time)."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}; got {backend!r}")
+    return str(backend)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend name for ``backend`` on ``device``; raises when it cannot run there."""
     if not isinstance(backend, str):

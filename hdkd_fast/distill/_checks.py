@@ -7,16 +7,9 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from .._validation import check_count, check_nonnegative, check_positive
-from ..backends import BACKENDS
+from ..backends import check_backend
 
 __all__ = ["as_exit_list", "check_backend", "check_count", "check_nonnegative", "check_positive"]
-
-
-def check_backend(backend: object) -> str:
-    """``"auto"`` or one of :data:`hdkd_fast.BACKENDS`."""
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}; got {backend!r}")
-    return str(backend)
 
 
 def as_exit_list(logits: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
