@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
+from .._distributed import all_reduce_mean
 from .._pairs import pair_mask
 from .._validation import Logits
 from ..modules import DenseKD
@@ -251,8 +252,8 @@ class HDKD:
                 with _fork_rng(x):
                     result, grads = self._hypergradient(x, y, x_val, y_val)
             val_ce = result.val_ce
-            if isinstance(self.model, DistributedDataParallel):
-                grads, val_ce = self._all_reduce_mean(grads, val_ce)
+            if isinstance(self.model, DistributedDataParallel):  # φ-gradients and validation losses, one collective
+                *grads, val_ce = all_reduce_mean([*grads, val_ce], self.model.process_group)
             if self.validation == "balanced":
                 d = self.ema_decay
                 self.val_ema = val_ce.clone() if self.val_ema is None else d * self.val_ema + (1 - d) * val_ce
@@ -288,19 +289,6 @@ class HDKD:
         names = self.weights.objective_names()
         stats.update({f"weight/{n}": v for n, v in zip(names, self.weights.vector().tolist(), strict=True)})
         return stats
-
-    def _all_reduce_mean(self, grads: list[Tensor], val_ce: Tensor) -> tuple[list[Tensor], Tensor]:
-        """Average the φ-gradients and validation losses over the DDP process group (one collective)."""
-        assert isinstance(self.model, DistributedDataParallel)
-        group = self.model.process_group
-        flat = torch.cat([g.reshape(-1) for g in grads] + [val_ce.to(grads[0].dtype).reshape(-1)])
-        torch.distributed.all_reduce(flat, group=group)
-        flat /= torch.distributed.get_world_size(group)
-        out, offset = [], 0
-        for g in grads:
-            out.append(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-        return out, flat[offset:].to(val_ce.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         """The whole training state: model (unwrapped), optimizer, weights, weight optimizer, the

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .._distributed import all_reduce_mean
 from .._validation import Logits
 from ..bilevel import HDKD, HarmonizedWeights
 from ..distill import DBTTemperature, DenseKDUncertainty, EKDLoss, ERDELoss
@@ -90,14 +91,9 @@ class TrainMethod:
         params = [p for p in self.parameters() if p.grad is not None]
         if not params or not isinstance(self.model, DistributedDataParallel):
             return
-        flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
-        torch.distributed.all_reduce(flat, group=self.model.process_group)
-        flat /= torch.distributed.get_world_size(self.model.process_group)
-        offset = 0
-        for p in params:
-            assert p.grad is not None
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        grads = [p.grad for p in params if p.grad is not None]
+        for g, mean in zip(grads, all_reduce_mean(grads, self.model.process_group), strict=True):
+            g.copy_(mean)
 
     # -- state and logging ------------------------------------------------------------------------
 
