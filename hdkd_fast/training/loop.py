@@ -128,6 +128,7 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(device, non_blocking=True)
 
+    val_out: tuple[list[Tensor], Tensor] | None = None  # the validation logits of the latest epoch (rank 0)
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         loader.set_epoch(epoch)
@@ -162,7 +163,8 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
                                   "train/loss": float(totals[1] / totals[0]),
                                   "train/top1": (totals[2:] / totals[0]).tolist()}
         if ctx.is_main:
-            val = split_metrics(*_logits(model, data.val, normalize, config, device, autocast, channels_last))
+            val_out = _logits(model, data.val, normalize, config, device, autocast, channels_last)
+            val = split_metrics(*val_out)
             record.update({"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"]})
         record.update(method.log_values())
         rngs = dist_utils.gather_objects(rng_state(generator), ctx)
@@ -178,7 +180,7 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
         dist_utils.barrier(ctx)
 
     if ctx.is_main:
-        _finish(run_dir, config, base, model, data, elapsed, device, autocast, channels_last, log)
+        _finish(run_dir, config, base, model, data, elapsed, device, autocast, channels_last, log, val_out)
         if writer is not None:
             writer.close()
     dist_utils.barrier(ctx)
@@ -206,10 +208,13 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", log: Callable[[st
 
 def _finish(run_dir: Path, config: TrainConfig, base: MultiExitModule, model: nn.Module, data: DataBundle,
             elapsed: float, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager[Any]],
-            channels_last: bool, log: Callable[[str], None]) -> None:
-    """``final.json`` (test accuracy per exit, exit costs, budgeted curve) and the plots of a run."""
+            channels_last: bool, log: Callable[[str], None],
+            val_out: tuple[list[Tensor], Tensor] | None = None) -> None:
+    """``final.json`` (test accuracy per exit, exit costs, budgeted curve) and the plots of a run;
+    ``val_out``: the validation logits of the final model when the last epoch already computed them."""
     normalize = Augment(data.mean, data.std, train=False)
-    val_out = _logits(model, data.val, normalize, config, device, autocast, channels_last)
+    if val_out is None:
+        val_out = _logits(model, data.val, normalize, config, device, autocast, channels_last)
     test_out = _logits(model, data.test, normalize, config, device, autocast, channels_last)
     summary = {"method": config.method, "dataset": data.name, "model": config.model,
                "num_exits": base.num_exits, "epochs": config.epochs, "train_time_s": elapsed,
