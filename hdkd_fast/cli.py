@@ -6,6 +6,7 @@ Run ``hdkd-fast COMMAND --help`` for the options of each.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -100,17 +101,9 @@ def _train(args: argparse.Namespace) -> int:
         if val_size != int(val_size):
             raise ValueError(f"--val-size must be a whole count or a fraction below 1; got {val_size}")
         val_size = int(val_size)
-    config = TrainConfig(
-        method=args.method, dataset=args.dataset, data_dir=args.data_dir, model=args.model, out=args.out,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
-        weight_decay=args.weight_decay, schedule=args.schedule, milestones=tuple(args.milestones), gamma=args.gamma,
-        temperature=args.temperature, val_size=val_size, limit=args.limit, seed=args.seed, device=args.device,
-        amp=args.amp, channels_last=args.channels_last, backend=args.backend, workers=args.workers,
-        hypergrad=args.hypergrad, weight_lr=args.weight_lr, update_every=args.update_every,
-        validation=args.validation, dbt_schedule=args.dbt_schedule, feature_weight=args.feature_weight,
-        teacher=args.teacher, entropy_weight=args.entropy_weight, uncertainty_lambda=args.uncertainty_lambda,
-        gradient_equilibrium=args.gradient_equilibrium, progress=args.progress,
-    )
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} & vars(args).keys()  # the options are the fields
+    values = {name: getattr(args, name) for name in fields}
+    config = TrainConfig(**{**values, "milestones": tuple(args.milestones), "val_size": val_size})
     run_dir = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
         _print_runs([run_dir])
