@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .training.config import AMP_MODES, DEVICES, METHODS, SCHEDULES, TrainConfig
+from .bilevel.hdkd import VALIDATION_OBJECTIVES
+from .bilevel.hypergrad import HYPERGRAD_MODES
+from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, METHODS, SCHEDULES, TrainConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,12 +79,12 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
                    help="backend of the fused dense-KD op")
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes (image folders)")
     g = p.add_argument_group("hdkd (harmonized weights)")
-    g.add_argument("--hypergrad", choices=("jvp", "fd", "exact"), default=d.hypergrad)
+    g.add_argument("--hypergrad", choices=HYPERGRAD_MODES, default=d.hypergrad)
     g.add_argument("--weight-lr", type=float, default=d.weight_lr, help="Adam lr of the weights φ")
     g.add_argument("--update-every", type=int, default=d.update_every)
-    g.add_argument("--validation", choices=("ce", "balanced"), default=d.validation)
+    g.add_argument("--validation", choices=VALIDATION_OBJECTIVES, default=d.validation)
     g = p.add_argument_group("other methods")
-    g.add_argument("--dbt-schedule", choices=("adaptive", "constant"), default=d.dbt_schedule,
+    g.add_argument("--dbt-schedule", choices=DBT_SCHEDULES, default=d.dbt_schedule,
                    help="dbt: temperature from the teacher's outputs (paper) or --temperature")
     g.add_argument("--feature-weight", type=float, default=d.feature_weight, help="ekd: attention-distillation weight")
     g.add_argument("--teacher", default=None, help="erde: run directory or checkpoint.pt of the teacher")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import MultiExitModule, check_num_classes
+from .base import MultiExitModule, check_choice, check_num_classes
 from .msdnet import MSDNet
 from .resnet import MultiExitResNet
 
@@ -30,8 +30,7 @@ MODEL_NAMES = (
 
 def build_model(name: str, num_classes: int, input_shape: Sequence[int]) -> MultiExitModule:
     """The multi-exit model ``name`` (see the module table) for images of shape ``(C, H, W)``."""
-    if name not in MODEL_NAMES:
-        raise ValueError(f"model must be one of {MODEL_NAMES}; got {name!r}")
+    check_choice(name, "model", MODEL_NAMES)
     num_classes = check_num_classes(num_classes)
     if len(input_shape) != 3 or any(not isinstance(n, int) or n < 1 for n in input_shape):
         raise ValueError(f"input_shape must be (C, H, W) of positive ints; got {tuple(input_shape)}")

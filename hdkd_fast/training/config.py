@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._validation import check_count, check_nonnegative, check_positive
+from ..bilevel.hdkd import VALIDATION_OBJECTIVES
+from ..bilevel.hypergrad import HYPERGRAD_MODES
+from ..models.base import check_choice
 
 METHODS = ("ce", "dbt", "dkd", "hdkd", "ekd", "erde", "dkd-uncertainty")
 """Training methods; see :mod:`hdkd_fast.training.methods`."""
@@ -19,6 +22,7 @@ METHODS = ("ce", "dbt", "dkd", "hdkd", "ekd", "erde", "dkd-uncertainty")
 SCHEDULES = ("multistep", "cosine")
 AMP_MODES = ("auto", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
+DBT_SCHEDULES = ("adaptive", "constant")
 
 PAPER_EPOCHS = 300
 """MSDNet / HDKD CIFAR recipe: 300 epochs, batch 64, SGD lr 0.1 (÷10 at 50 % and 75 %), momentum 0.9,
@@ -85,13 +89,13 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every field; raise a ``ValueError``/``TypeError`` naming the offending argument."""
-        _choice("method", self.method, METHODS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("amp", self.amp, AMP_MODES)
-        _choice("device", self.device, DEVICES)
-        _choice("hypergrad", self.hypergrad, ("jvp", "fd", "exact"))
-        _choice("validation", self.validation, ("ce", "balanced"))
-        _choice("dbt_schedule", self.dbt_schedule, ("adaptive", "constant"))
+        check_choice(self.method, "method", METHODS)
+        check_choice(self.schedule, "schedule", SCHEDULES)
+        check_choice(self.amp, "amp", AMP_MODES)
+        check_choice(self.device, "device", DEVICES)
+        check_choice(self.hypergrad, "hypergrad", HYPERGRAD_MODES)
+        check_choice(self.validation, "validation", VALIDATION_OBJECTIVES)
+        check_choice(self.dbt_schedule, "dbt_schedule", DBT_SCHEDULES)
         for name in ("batch_size", "update_every"):
             check_count(getattr(self, name), name)
         for name in ("epochs", "limit"):
@@ -132,8 +136,3 @@ class TrainConfig:
         if "milestones" in values:
             values["milestones"] = tuple(values["milestones"])
         return cls(**values)
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
