@@ -42,11 +42,14 @@ class TrainMethod:
     """One method: ``step(x, y, next_val)`` trains on a batch and returns ``(loss, logits)``; ``next_val()``
     draws a validation batch (only ``hdkd`` does).
 
-    Subclasses set :attr:`name`, and override :meth:`loss` (the usual methods: zero_grad, forward,
-    loss, backward, optimizer step) or :meth:`step` as a whole (``hdkd``).
+    Subclasses set :attr:`name` and :attr:`criterion`, and override :meth:`loss` when the loss is not
+    ``criterion(model(x), y)``, or :meth:`step` as a whole (``hdkd``). The default step is zero_grad,
+    :meth:`loss`, backward, optimizer step.
     """
 
     name: ClassVar[str]
+    criterion: nn.Module
+    """The method's loss module (set by each subclass)."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, num_exits: int, autocast: Autocast,
                  teacher: nn.Module | None = None) -> None:
@@ -72,8 +75,10 @@ class TrainMethod:
     # -- training ---------------------------------------------------------------------------------
 
     def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Logits]:
-        """The loss of a batch and the logits it came from (inside autocast)."""
-        raise NotImplementedError
+        """The loss of a batch and the logits it came from (inside autocast); by default
+        ``criterion(model(x), y)``."""
+        logits = self.model(x)
+        return self.criterion(logits, y), logits
 
     def step(self, x: Tensor, y: Tensor, next_val: Callable[[], Batch]) -> tuple[float, Logits | None]:
         """One optimizer step on ``(x, y)``; returns the loss and the (detached) logits."""
@@ -122,25 +127,16 @@ class CrossEntropy(TrainMethod):
         no_pairs = torch.zeros(self.num_exits, self.num_exits, dtype=torch.bool)
         self.criterion = DenseKD(self.num_exits, pairs=no_pairs, kd_weight=0.0, backend=self.config.backend)
 
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Logits]:
-        logits = self.model(x)
-        return self.criterion(logits, y), logits
-
 
 class DenseDistillation(TrainMethod):
     """``dkd``: every exit's CE plus T²·KL from every later exit, all weights 1."""
 
     name = "dkd"
-    pairs: ClassVar[str] = "dense"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.criterion = DenseKD(self.num_exits, temperature=self.config.temperature, pairs=self.pairs,
+        self.criterion = DenseKD(self.num_exits, temperature=self.config.temperature, pairs="dense",
                                  backend=self.config.backend)
-
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Logits]:
-        logits = self.model(x)
-        return self.criterion(logits, y), logits
 
     def log_values(self) -> dict[str, Any]:
         return {"temperature": self.criterion.temperature}
@@ -156,6 +152,7 @@ class DistillationBasedTraining(TrainMethod):
     """
 
     name = "dbt"
+    criterion: DenseKD
     mix: ClassVar[float] = 0.5
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -191,6 +188,7 @@ class HarmonizedDenseDistillation(TrainMethod):
     step on validation batches (``hypergrad``, ``weight_lr``, ``update_every``, ``validation``)."""
 
     name = "hdkd"
+    criterion: DenseKD
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -276,6 +274,7 @@ class UncertaintyWeightedDistillation(TrainMethod):
     learned α_p (and the regularizer Σ α_p), trained with the model by its optimizer."""
 
     name = "dkd-uncertainty"
+    criterion: DenseKDUncertainty
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -286,10 +285,6 @@ class UncertaintyWeightedDistillation(TrainMethod):
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.criterion.parameters())
-
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Logits]:
-        logits = self.model(x)
-        return self.criterion(logits, y), logits
 
     def log_values(self) -> dict[str, Any]:
         kd = self.criterion.path_weights().detach()
