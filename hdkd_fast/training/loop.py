@@ -72,9 +72,8 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
             raise ValueError(f"--epochs {config.epochs} is below the {state['epoch']} epochs the checkpoint in "
                              f"{config.out!r} has already trained")
     config.validate()
-    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed)
+    data = _run_data(config)
     config = dataclasses.replace(config, dataset=data.name).resolved().validate()
-    data = _limited(data, config.limit)
     run_dir = Path(config.out or f"runs/{data.name}-{config.model}-{config.method}")
     if state is None and (run_dir / CHECKPOINT).exists():
         raise ValueError(f"out directory {str(run_dir)!r} already holds a run; pass --resume to continue it "
@@ -84,11 +83,8 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
         (run_dir / CONFIG).write_text(json.dumps(config.to_json(), indent=2) + "\n")
 
     torch.manual_seed(config.seed)
-    base = build_model(config.model or "", data.num_classes, data.input_shape)
     device = ctx.device
-    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
-    model: nn.Module = GradientEquilibrium(base) if config.gradient_equilibrium else base
-    _to_device(model, device, channels_last)
+    base, model, channels_last = _network(config, data, device)
     wrapped: nn.Module = model
     if ctx.distributed:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -194,13 +190,9 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", log: Callable[[st
     ctx = dist_utils.setup(device)
     if ctx.distributed:
         raise ValueError("evaluate runs in one process; do not start it with torchrun")
-    data = _limited(load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed),
-                    config.limit)
-    base = build_model(config.model or "", data.num_classes, data.input_shape)
-    model: nn.Module = GradientEquilibrium(base) if config.gradient_equilibrium else base
+    data = _run_data(config)
+    base, model, channels_last = _network(config, data, ctx.device)
     model.load_state_dict(state["model"])
-    channels_last = bool(config.channels_last) if config.channels_last is not None else ctx.device.type == "cuda"
-    _to_device(model, ctx.device, channels_last)
     _finish(Path(run_dir), config, base, model, data, float(state["time_s"]), ctx.device,
             _autocast(config.amp, ctx.device), channels_last, log)
     return Path(run_dir)
@@ -249,19 +241,28 @@ def load_teacher(path: str, num_classes: int, input_shape: tuple[int, ...] | Non
     return teacher.eval().requires_grad_(False)
 
 
-def _to_device(model: nn.Module, device: torch.device, channels_last: bool) -> None:
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
-
-def _limited(data: DataBundle, limit: int | None) -> DataBundle:
-    """At most ``limit`` images per split (the first ones; for smoke tests and demos)."""
-    if limit is None:
+def _run_data(config: TrainConfig) -> DataBundle:
+    """The run's data set, with at most ``config.limit`` images per split (the first ones; for smoke tests
+    and demos)."""
+    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed)
+    if config.limit is None:
         return data
+    limit = config.limit
     cut = {name: getattr(data, name) for name in ("train", "val", "test")}
     cut = {name: ds.subset(torch.arange(min(limit, len(ds)))) for name, ds in cut.items()}
     return dataclasses.replace(data, **cut)
+
+
+def _network(config: TrainConfig, data: DataBundle, device: torch.device) -> tuple[MultiExitModule, nn.Module, bool]:
+    """The run's multi-exit model, the module that trains (the model, or its ``GradientEquilibrium``
+    wrapper) on ``device``, and whether it uses channels-last (default: on CUDA)."""
+    base = build_model(config.model or "", data.num_classes, data.input_shape)
+    model: nn.Module = GradientEquilibrium(base) if config.gradient_equilibrium else base
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return base, model, channels_last
 
 
 def _autocast(amp: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
