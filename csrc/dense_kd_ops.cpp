@@ -329,6 +329,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The CPU instruction-set variant in use (DEFAULT, AVX2 or AVX512)");
   m.def("compiled_cpu_capabilities", &hdkd_fast::cpu::compiled_capabilities,
         "Every CPU instruction-set variant compiled into this build");
+  m.def("requested_cpu_capability", &hdkd_fast::cpu::requested_capability,
+        "PyTorch's CPU capability (ATEN_CPU_CAPABILITY when set, else what the CPU supports)");
+  m.def("supported_cpu_capability", &hdkd_fast::cpu::cpu_supported_capability,
+        "The best instruction-set variant this CPU can run (CPUID)");
+  m.def("choose_cpu_capability", &hdkd_fast::cpu::choose_capability, "The variant run for a request and a CPU",
+        pybind11::arg("requested"), pybind11::arg("supported"));
 #ifdef HDKD_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("cuda_info", &hdkd_fast::cuda::device_info, "CUDA build information");

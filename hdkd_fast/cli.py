@@ -1,4 +1,5 @@
-"""The ``hdkd-fast`` command (also ``python -m hdkd_fast``): ``train``, ``evaluate``, ``bench``, ``info``.
+"""The ``hdkd-fast`` command (also ``python -m hdkd_fast``): ``train``, ``evaluate``, ``bench``, ``build``,
+``info``.
 
 Run ``hdkd-fast COMMAND --help`` for the options of each.
 """
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     _evaluate_parser(sub.add_parser("evaluate", help="evaluate runs and compare them (table + plots)"))
     _bench_parser(sub.add_parser("bench", help="time the dense-KD backends against the naive loop and torch.compile"))
+    build = sub.add_parser("build", help="compile the native kernels now (otherwise done on first use)")
+    _build_parser(build)
     info = sub.add_parser("info", help="versions, devices and the compiled backends")
     info.set_defaults(run=_info)
     return parser
@@ -154,7 +157,7 @@ def _print_runs(runs: Sequence[Path]) -> None:
     print("run files: " + ", ".join(str(r) for r in runs))
 
 
-# -- bench / info ---------------------------------------------------------------------------------
+# -- bench / build / info -------------------------------------------------------------------------
 
 
 def _bench_parser(p: argparse.ArgumentParser) -> None:
@@ -173,6 +176,13 @@ def _bench(args: argparse.Namespace) -> int:
     print(run_table(exits=args.exits, classes=args.classes, batch=args.batch, device=args.device,
                     dtype=args.dtype, compile_reference=args.compile))
     return 0
+
+
+def _build_parser(p: argparse.ArgumentParser) -> None:
+    from .build import add_arguments, run
+
+    add_arguments(p)
+    p.set_defaults(run=run)
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -1,8 +1,11 @@
-"""``python -m hdkd_fast.info``: versions, devices, and what this installation compiled.
+"""``hdkd-fast info`` (also ``python -m hdkd_fast.info``): versions, devices, and what this
+installation compiled.
 
 Prints the hdkd_fast / Python / torch versions, the CPU and GPUs torch sees, the compiled extension
-``hdkd_fast._C`` (path, CPU instruction-set variants, CUDA kernels and their architectures, or why it
-is missing) and the backends available for each device type, in ``backend="auto"`` order.
+``hdkd_fast._C`` (how it was built: ahead of time, on first use and where, or not yet and why; its CPU
+instruction-set variants and the one in use, clamped to what the CPU supports; its CUDA kernels) and,
+per device type, the available backends in ``backend="auto"`` order. It never compiles anything: where
+the extension is not built yet, it says so and what ``auto`` will pick once it is.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from .backends import BACKENDS, _unavailable_reason, available_backends
+from ._ext_loader import cache_root
+from .backends import _AUTO_ORDER, BACKENDS, _unavailable_reason
 from .backends import native_backend as _native
 
 
@@ -47,13 +51,21 @@ def collect() -> dict[str, Any]:
             })
         devices.append(torch.device("cuda"))
     for dev in devices:
+        unavailable = {name: reason for name in BACKENDS if (reason := _reason(name, dev, info["extension"]))}
+        order = _AUTO_ORDER.get(dev.type, ("torch",))
         info["backends"][dev.type] = {
-            "available": available_backends(dev),
-            "unavailable": {
-                name: reason for name in BACKENDS if (reason := _unavailable_reason(name, dev)) is not None
-            },
+            "available": [name for name in order if name not in unavailable],
+            "after_build": [name for name in order if name not in unavailable or name == _native.NAME],
+            "unavailable": unavailable,
         }
     return info
+
+
+def _reason(name: str, device: torch.device, extension: dict[str, Any]) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (without building the extension)."""
+    if name == _native.NAME and extension["pending"]:
+        return str(extension["detail"])
+    return _unavailable_reason(name, device)
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -69,25 +81,40 @@ def format_info(info: dict[str, Any]) -> str:
             lines.append(f"gpu {gpu['index']}      {gpu['name']} (sm {gpu['capability']}, {gpu['memory_gib']} GiB)")
     else:
         lines.append("gpu        none visible")
-    ext = info["extension"]
-    if ext["built"]:
-        lines.append(f"hdkd_fast._C  built for torch {ext['torch_version']}: {ext['path']}")
-        lines.append(
-            f"  CPU kernels   variants {', '.join(ext['compiled_cpu_capabilities'])}; in use: {ext['cpu_capability']}"
-        )
-        if ext["with_cuda"]:
-            lines.append(f"  CUDA kernels  archs {ext['cuda_archs']}; {ext['cuda_info']}")
-        else:
-            lines.append("  CUDA kernels  not built")
-        if "error" in ext:
-            lines.append(f"  unusable: {ext['error']}")
-    else:
-        lines.append(f"hdkd_fast._C  not built: {ext['error']}")
+    lines += extension_lines(info["extension"])
     for dev, backends in info["backends"].items():
-        lines.append(f"backends ({dev}): {', '.join(backends['available'])}  [auto -> {backends['available'][0]}]")
+        auto = backends["available"][0]
+        pending = backends["after_build"][0] != auto
+        lines.append(f"backends ({dev}): {', '.join(backends['available'])}  [auto -> {auto}"
+                     + (f"; {backends['after_build'][0]} once built]" if pending else "]"))
         for name, reason in backends["unavailable"].items():
             lines.append(f"  {name}: unavailable: {reason}")
     return "\n".join(lines)
+
+
+def extension_lines(ext: dict[str, Any]) -> list[str]:
+    if not ext["built"]:
+        return [f"hdkd_fast._C  {ext['detail']}"]
+    lines = [f"hdkd_fast._C  {ext['origin']} for torch {ext['torch_version']}: {ext['path']}"]
+    if ext["origin"] != "ahead of time":
+        lines.append(f"  cache         {cache_root()} (HDKD_FAST_CACHE_DIR)")
+    use, asked, cpu = ext["cpu_capability"], ext["requested_cpu_capability"], ext["supported_cpu_capability"]
+    note = f"torch asks for {asked}, this CPU supports {cpu}"
+    if _rank(asked) > _rank(cpu):
+        note += f": clamped to {use} (ATEN_CPU_CAPABILITY asks for more than the CPU has)"
+    lines.append(f"  CPU kernels   variants {', '.join(ext['compiled_cpu_capabilities'])}; in use: {use} ({note})")
+    if ext["with_cuda"]:
+        lines.append(f"  CUDA kernels  archs {ext['cuda_archs']}; {ext['cuda_info']}")
+    else:
+        lines.append("  CUDA kernels  not built")
+    return lines
+
+
+_CPU_CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+
+
+def _rank(capability: str) -> int:
+    return _CPU_CAPABILITIES.index(capability) if capability in _CPU_CAPABILITIES else 0
 
 
 def main() -> None:

@@ -264,10 +264,18 @@ def test_thread_count_does_not_change_results() -> None:
         assert torch.equal(a, b)
 
 
+def _runnable_variants(info: dict[str, object]) -> list[str]:
+    """The compiled variants this CPU can run (CPUID), lowest first."""
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    limit = order.index(str(info["supported_cpu_capability"]))
+    return [cap for cap in order[: limit + 1] if cap in info["compiled_cpu_capabilities"]]  # type: ignore[operator]
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="uses a POSIX subprocess environment")
 def test_cpu_instruction_set_variants_agree() -> None:
-    """Every compiled variant (DEFAULT / AVX2 / AVX512, chosen like PyTorch via ATEN_CPU_CAPABILITY)
-    gives the same losses up to rounding."""
+    """Every compiled variant this CPU runs (DEFAULT / AVX2 / AVX512, chosen like PyTorch via
+    ATEN_CPU_CAPABILITY) gives the same losses up to rounding. Variants the CPU lacks are not run:
+    PyTorch's own kernels would die of SIGILL under such an ATEN_CPU_CAPABILITY."""
     info = native_backend.build_info()
     code = (
         "import torch, hdkd_fast as hk; from hdkd_fast.backends import native_backend as nb\n"
@@ -276,15 +284,35 @@ def test_cpu_instruction_set_variants_agree() -> None:
         "print(nb.build_info()['cpu_capability'], *out.ce.tolist(), *out.kd.flatten().tolist())\n"
     )
     results = {}
-    for cap in info["compiled_cpu_capabilities"]:
+    for cap in _runnable_variants(info):
         env = dict(os.environ, ATEN_CPU_CAPABILITY=cap.lower())
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         name, *values = proc.stdout.split()
+        assert name == cap
         results[name] = torch.tensor([float(v) for v in values])
     base = results.pop("DEFAULT")
     for values in results.values():
         torch.testing.assert_close(values, base, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_variant_is_clamped_to_what_the_cpu_supports() -> None:
+    """A request above what the CPU supports (ATEN_CPU_CAPABILITY=avx512 on an AVX2-only CPU) runs the
+    best variant the CPU has, never one it lacks; a lower request is honoured."""
+    from hdkd_fast import _ext_loader
+
+    ext = _ext_loader.extension().module
+    assert ext is not None
+    if set(ext.compiled_cpu_capabilities()) != {"DEFAULT", "AVX2", "AVX512"}:
+        pytest.skip("needs the ahead-of-time build with every x86-64 variant")
+    for requested, supported, expected in [
+        ("AVX512", "AVX2", "AVX2"), ("AVX512", "DEFAULT", "DEFAULT"), ("AVX2", "DEFAULT", "DEFAULT"),
+        ("AVX2", "AVX512", "AVX2"), ("DEFAULT", "AVX512", "DEFAULT"), ("AVX512", "AVX512", "AVX512"),
+    ]:
+        assert ext.choose_cpu_capability(requested, supported) == expected, (requested, supported)
+    info = native_backend.build_info()
+    assert info["cpu_capability"] == ext.choose_cpu_capability(
+        info["requested_cpu_capability"], info["supported_cpu_capability"])
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -320,4 +348,4 @@ def test_info_reports_the_build() -> None:
     from hdkd_fast import info
 
     text = info.format_info(info.collect())
-    assert "hdkd_fast._C  built" in text and "native" in text
+    assert "hdkd_fast._C  ahead of time for torch" in text and "[auto -> native]" in text

@@ -18,8 +18,8 @@ BACKENDS = ("torch", "triton", "native")
 _AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 _HOW_TO_GET = {
     "triton": "it needs CUDA tensors and Triton (pip install 'hdkd_fast[triton]')",
-    "native": "it needs the compiled extension hdkd_fast._C "
-    "(pip install --no-build-isolation . with a C++ compiler, HDKD_FAST_NO_EXT unset)",
+    "native": "it needs the compiled extension hdkd_fast._C, built on first use or by `hdkd-fast build` "
+    "(a C++ compiler and ninja; HDKD_FAST_NO_EXT unset)",
 }
 
 DeviceLike = torch.device | str | None

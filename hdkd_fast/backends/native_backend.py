@@ -14,6 +14,9 @@ depend on the number of threads. On CPU, the ``[K, B, C]`` gradient buffers come
 the page faults of a fresh multi-megabyte buffer per step. The ops are not differentiable themselves:
 :mod:`hdkd_fast._autograd` calls them under ``no_grad`` and handles double backward with the
 ``"torch"`` backend.
+
+Where the extension comes from (installed ahead of time, or compiled on first use into a cache) is
+:mod:`hdkd_fast._ext_loader`'s job; ``hdkd-fast info`` tells which.
 """
 
 from __future__ import annotations
@@ -26,65 +29,64 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _ext_loader
 from .._pairs import PairMask
 
 NAME = "native"
 
-_C: ModuleType | None
-try:
-    from .. import _C  # type: ignore[attr-defined, no-redef]
-except ImportError as _exc:  # not built (HDKD_FAST_NO_EXT, no compiler) or built for another torch
-    _C = None
-    _IMPORT_ERROR: str | None = f"hdkd_fast._C cannot be imported ({_exc})"
-else:
-    _IMPORT_ERROR = None
+# Only an ahead-of-time build is imported here (import time stays cheap and touches no GPU); a cached
+# or new build on first use is loaded by the first eager unavailable_reason() call. Under torch.compile
+# tracing the state at hand is used: tracing cannot run a compiler.
+_EXT: _ext_loader.Extension = _ext_loader.extension(build=False, search_cache=False)
 
 
-def _torch_mismatch() -> str | None:
-    if _C is None:
-        return None
-    built = str(getattr(_C, "torch_version", ""))
-    running = torch.__version__.split("+")[0]
-    if built.split(".")[:2] != running.split(".")[:2]:
-        return f"hdkd_fast._C was built against torch {built} but torch {running} is running; reinstall hdkd_fast"
-    return None
-
-
-_MISMATCH = _torch_mismatch()
+def _extension() -> ModuleType | None:
+    """The loaded ``hdkd_fast._C``, loading (or building) it on the first eager call."""
+    global _EXT
+    if not _EXT.final and not torch.compiler.is_compiling():
+        _EXT = _ext_loader.extension(build=True)
+        if _EXT.module is not None:
+            _register_fakes()
+    return _EXT.module
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """``None`` when the extension is importable and has kernels for ``device``'s type."""
-    if _C is None:
-        return _IMPORT_ERROR
-    if _MISMATCH is not None:
-        return _MISMATCH
+    """``None`` when the extension is loaded (built on first use if need be) and has kernels for
+    ``device``'s type."""
+    module = _extension()
+    if module is None:
+        return _EXT.detail
     if device.type == "cpu":
         return None
     if device.type == "cuda":
-        if bool(getattr(_C, "with_cuda", False)):
+        if bool(getattr(module, "with_cuda", False)):
             return None
         return "hdkd_fast._C was built without CUDA kernels (rebuild with a GPU visible or FORCE_CUDA=1)"
     return f"hdkd_fast._C has no kernels for {device.type} tensors"
 
 
-def build_info() -> dict[str, Any]:
-    """What this installation's extension holds (for ``python -m hdkd_fast.info``)."""
-    if _C is None:
-        return {"built": False, "error": _IMPORT_ERROR}
+def build_info(build: bool = False) -> dict[str, Any]:
+    """How this installation's extension was built and what it holds (for ``hdkd-fast info``);
+    ``build=True`` builds it first when it has not been."""
+    state = _ext_loader.extension(build=build)
     info: dict[str, Any] = {
-        "built": True,
-        "path": getattr(_C, "__file__", None),
-        "torch_version": getattr(_C, "torch_version", None),
-        "cpu_capability": _C.cpu_capability(),
-        "compiled_cpu_capabilities": list(_C.compiled_cpu_capabilities()),
-        "with_cuda": bool(_C.with_cuda),
+        "built": state.module is not None, "pending": not state.final, "origin": state.origin, "detail": state.detail,
     }
-    if _C.with_cuda:
-        info["cuda_archs"] = str(_C.cuda_archs)
-        info["cuda_info"] = str(_C.cuda_info())
-    if _MISMATCH is not None:
-        info["error"] = _MISMATCH
+    module = state.module
+    if module is None:
+        return info
+    info.update({
+        "path": getattr(module, "__file__", None),
+        "torch_version": getattr(module, "torch_version", None),
+        "cpu_capability": module.cpu_capability(),
+        "requested_cpu_capability": module.requested_cpu_capability(),
+        "supported_cpu_capability": module.supported_cpu_capability(),
+        "compiled_cpu_capabilities": list(module.compiled_cpu_capabilities()),
+        "with_cuda": bool(module.with_cuda),
+    })
+    if module.with_cuda:
+        info["cuda_archs"] = str(module.cuda_archs)
+        info["cuda_info"] = str(module.cuda_info())
     return info
 
 
@@ -181,5 +183,5 @@ def _register_fakes() -> None:
             torch.library.register_fake(name)(fn)
 
 
-if _C is not None and _MISMATCH is None:
+if _EXT.module is not None:
     _register_fakes()
