@@ -222,7 +222,8 @@ def _compile(csrc: Path, target: Path, failure_log: Path) -> Extension:
 def _from_cache(build: bool, force: bool = False) -> Extension:
     csrc = sources_dir()
     if csrc is None:
-        return _failed(f"hdkd_fast._C cannot be built: its C++ sources are not in this installation (looked in {PACKAGE_DIR})")
+        return _failed(f"hdkd_fast._C cannot be built: its C++ sources are not in this installation "
+                       f"(looked in {PACKAGE_DIR})")
     root = cache_root()
     target = root / cache_key(csrc)
     failure_log = target.with_name(target.name + ".failed")
@@ -235,7 +236,8 @@ def _from_cache(build: bool, force: bool = False) -> Extension:
             except ImportError as exc:
                 return _failed(f"the cached build {library} cannot be loaded ({exc}); run hdkd-fast build --force")
         if failure_log.is_file():
-            return _failed(f"an earlier build of hdkd_fast._C failed (log: {failure_log}; hdkd-fast build --force retries)")
+            return _failed(f"an earlier build of hdkd_fast._C failed (log: {failure_log}; "
+                           "hdkd-fast build --force retries)")
         return None
 
     if not force and (found := cached()) is not None:
@@ -275,8 +277,8 @@ def extension(build: bool = True, search_cache: bool = True) -> Extension:
         return _state
     state = _ahead_of_time()
     if state is None and not search_cache:
-        state = Extension(None, NOT_BUILT, "hdkd_fast._C is not loaded yet (found or built on the first use of backend 'native')",
-                          final=False)
+        state = Extension(None, NOT_BUILT, "hdkd_fast._C is not loaded yet (found or built on the first use of "
+                          "backend 'native')", final=False)
     elif state is None:
         state = _from_cache(build)
     if state.final:

@@ -202,7 +202,9 @@ def build_ext_class(variants: Sequence[IsaVariant]) -> Any:
 
     force_cuda, require = env_flag("FORCE_CUDA"), env_flag("HDKD_FAST_REQUIRE_EXT")
 
-    class BuildExt(BuildExtension):  # type: ignore[misc]
+    class BuildExt(BuildExtension):
+        extensions: list[Any]
+
         def build_extensions(self) -> None:
             self._hdkd_failed: list[object] = []
             try:

@@ -10,6 +10,7 @@ the extension is not built yet, it says so and what ``auto`` will pick once it i
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from ._ext_loader import cache_root
+from ._ext_loader import CACHE_ENV, cache_root
 from .backends import _AUTO_ORDER, BACKENDS, _unavailable_reason
 from .backends import native_backend as _native
 
@@ -97,7 +98,8 @@ def extension_lines(ext: dict[str, Any]) -> list[str]:
         return [f"hdkd_fast._C  {ext['detail']}"]
     lines = [f"hdkd_fast._C  {ext['origin']} for torch {ext['torch_version']}: {ext['path']}"]
     if ext["origin"] != "ahead of time":
-        lines.append(f"  cache         {cache_root()} (HDKD_FAST_CACHE_DIR)")
+        source = "HDKD_FAST_CACHE_DIR" if os.environ.get(CACHE_ENV) else "default; HDKD_FAST_CACHE_DIR overrides"
+        lines.append(f"  cache         {cache_root()} ({source})")
     use, asked, cpu = ext["cpu_capability"], ext["requested_cpu_capability"], ext["supported_cpu_capability"]
     note = f"torch asks for {asked}, this CPU supports {cpu}"
     if _rank(asked) > _rank(cpu):
