@@ -1,7 +1,7 @@
 // Plain-C++ description of one call of the fused dense-KD op (no torch headers: the CUDA kernel
 // sources include it and must compile with a bare `nvcc -c`).
 //
-// Math (DESIGN §2), per row b, with u_k = z_k - max(z_k), e_k = exp(u_k / T), sT_k = sum_c e_k,
+// Math (docs/design.md §Math), per row b, with u_k = z_k - max(z_k), e_k = exp(u_k / T), sT_k = sum_c e_k,
 // p_k = e_k / sT_k, log p_k = u_k / T - log sT_k, q_k = softmax(z_k):
 //   ce[k]   = log sum_c exp(u_k) - u_k[y]                       (0 on ignored rows)
 //   KL[i,j] = sum_c p_j (log p_j - log p_i)

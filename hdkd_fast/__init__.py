@@ -1,6 +1,6 @@
 """hdkd_fast: fused dense knowledge distillation for multi-exit networks.
 
-Public API (DESIGN §5): :func:`dense_kd_losses`, :func:`dense_kd`, :class:`DenseKD`,
+Public API (docs/design.md §Layers): :func:`dense_kd_losses`, :func:`dense_kd`, :class:`DenseKD`,
 :class:`KDLosses`, :class:`LossWeights`, :func:`available_backends`, and the readable baseline
 :class:`hdkd_fast.reference.DenseKD`. Subpackages: :mod:`hdkd_fast.models` (multi-exit networks),
 :mod:`hdkd_fast.inference` (early-exit inference), :mod:`hdkd_fast.evaluation` (anytime and

@@ -1,5 +1,5 @@
 """The functional loss API: :func:`dense_kd_losses` (every objective) and :func:`dense_kd` (their
-weighted sum). See DESIGN §2 for the math; both are differentiable in reverse and forward mode."""
+weighted sum). See docs/design.md §Math for the math; both are differentiable in reverse and forward mode."""
 
 from __future__ import annotations
 

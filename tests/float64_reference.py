@@ -1,4 +1,4 @@
-"""An independent float64 implementation of DESIGN §2, written for the tests only.
+"""An independent float64 implementation of docs/design.md §Math, written for the tests only.
 
 Plain loops over exits and pairs with explicit log-softmax / KL formulas. It never calls
 hdkd_fast, so it checks the library rather than restating it. Gradients and JVPs of the
@@ -36,7 +36,7 @@ def losses(
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> tuple[Tensor | None, Tensor]:
-    """``(ce, kd)`` of DESIGN §2 for ``z: Tensor[K, B, C]`` in float64."""
+    """``(ce, kd)`` of docs/design.md §Math for ``z: Tensor[K, B, C]`` in float64."""
     z = z.double()
     k, b, _ = z.shape
     t = temperature

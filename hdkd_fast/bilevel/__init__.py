@@ -1,4 +1,4 @@
-"""Harmonized weights learned by bilevel optimization (DESIGN §3).
+"""Harmonized weights learned by bilevel optimization (docs/design.md §Bilevel step).
 
 - :class:`HarmonizedWeights`: one learnable weight per objective (K CE terms + the selected KD pairs).
 - :class:`HDKD`: the training step: virtual step, weight hypergradient, weight update, real step.

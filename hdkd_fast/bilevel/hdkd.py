@@ -55,7 +55,7 @@ def _fork_rng(x: Tensor) -> contextlib.AbstractContextManager[None]:
 class HDKD:
     r"""Harmonized dense KD: learns the objective weights on a validation split while training.
 
-    ``step(x, y, x_val, y_val)`` does, every ``update_every``-th call (DESIGN §3):
+    ``step(x, y, x_val, y_val)`` does, every ``update_every``-th call (docs/design.md §Bilevel step):
 
     1. virtual step :math:`\theta' = \theta - \eta\, d(\nabla_\theta L_\mathrm{train}(\theta, w))` with
        the optimizer's current lr η (and, for ``torch.optim.SGD``, its momentum buffer, dampening,
