@@ -33,6 +33,7 @@ def loss_function(impl: str, num_exits: int,
     if impl in ("reference", "reference_compiled"):
         module = reference.DenseKD(num_exits, temperature=TEMPERATURE)
         if impl == "reference_compiled":
+            _raise_recompile_limit()
             return torch.compile(module, dynamic=False, backend=compile_backend)
         return module
     if impl == "liger":
@@ -42,6 +43,18 @@ def loss_function(impl: str, num_exits: int,
         return dense_kd(x, y, temperature=TEMPERATURE, backend=impl)
 
     return loss_fn
+
+
+def _raise_recompile_limit(limit: int = 1024) -> None:
+    """Every compiled loop of a grid (one per K, C, dtype) recompiles the same ``forward``: past dynamo's
+    default limit of 8 recompilations it would silently run the loop eagerly instead."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name since torch 2.6, and before
+        if hasattr(config, name):
+            setattr(config, name, max(int(getattr(config, name)), limit))
+            return
 
 
 def liger_unavailable_reason(device: torch.device | str) -> str | None:

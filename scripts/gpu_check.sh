@@ -67,6 +67,12 @@ if [ "$dry" = 1 ]; then
   export TRITON_INTERPRET=1 HDKD_FAST_TRITON_BLOCK_C=16 CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1
 else
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 || true
+  if ! command -v nvcc >/dev/null 2>&1; then  # torch's cpp_extension finds nvcc through CUDA_HOME or PATH
+    for d in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-*; do
+      if [ -n "$d" ] && [ -x "$d/bin/nvcc" ]; then export CUDA_HOME="$d" PATH="$d/bin:$PATH"; break; fi
+    done
+  fi
+  echo "nvcc: $(nvcc --version 2>&1 | tail -n 1)"
 fi
 
 # -- stage wheels ---------------------------------------------------------------------------------
