@@ -224,6 +224,8 @@ class Check:
             share = SHARES[name] if n < len(order) - 1 else 1.0
             budget = max(0.0, left * share)
             stage = Stage(name, budget_s=round(budget, 1))
+            if name in ("train_cli", "bench"):
+                self.pool.close()  # idle workers would hold device memory (a CUDA context each) during the bench
             log(f"\n== stage {name}: budget {budget:.0f} s (of {max(left, 0):.0f} s left)")
             start = time.monotonic()
             try:
