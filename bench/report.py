@@ -5,8 +5,9 @@ implementation and its speed-up over the readable reference loop (``reference``)
 ``"torch"`` backend; groups with a ``softmax_pass`` also give each time as a multiple of it.
 
 When the run measured the copy bandwidth (``test_copy_bandwidth``), it also prints :func:`floor_table`
-(each case against its HBM floor, with peak memory) and :func:`format_targets` (the GPU targets of
-issue 13 with measured value and pass/fail); ``scripts/gpu_check.py`` uses the same functions.
+(each case against its memory floor, with peak memory) and, for a CUDA run, :func:`format_targets` (the
+GPU targets of issue 13 with measured value and pass/fail); ``scripts/gpu_check.py`` uses the same
+functions.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def main(path: str) -> None:
                     f"{t / floor:.2f}" if floor else ""]
             print(f"| {group} | {impl} | " + " | ".join(cols) + " |")
     if copy_bandwidth(run) is not None:
-        print("\n" + floor_table(run) + "\n\n" + format_targets(targets(run)))
+        print("\n" + floor_table(run))
+        if any(b["extra_info"].get("device") == "cuda" for b in run["benchmarks"]):
+            print("\n" + format_targets(targets(run)))
 
 
 def _softmax_floor(groups: dict[str, dict[str, float]], group: str) -> float | None:
