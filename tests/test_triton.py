@@ -25,8 +25,7 @@ from hdkd_fast.backends import triton_backend as TB
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 RUNNABLE = TB.unavailable_reason(DEVICE) is None
-AOT = os.environ.get("HDKD_FAST_AOT") == "1"  # offline sm_90 compile check only (test_offline_compile_for_sm90)
-if not RUNNABLE and not AOT:
+if not RUNNABLE:  # (the offline sm_90 compile is tests/test_triton_aot.py)
     pytest.skip(f"triton backend unavailable here: {TB.unavailable_reason(DEVICE)}", allow_module_level=True)
 
 F64 = {"rtol": 1e-9, "atol": 1e-11}
@@ -35,10 +34,8 @@ BIG_C = (1001, 32000) if CUDA else ()
 
 
 @pytest.fixture(autouse=True)
-def small_column_blocks(monkeypatch, request):
+def small_column_blocks(monkeypatch):
     """Several column blocks even for tiny C (the interpreter is slow on big tiles)."""
-    if not RUNNABLE and "offline" not in request.node.name:
-        pytest.skip(f"triton backend unavailable here: {TB.unavailable_reason(DEVICE)}")
     if not CUDA:
         monkeypatch.setenv("HDKD_FAST_TRITON_BLOCK_C", "16")
 
@@ -368,36 +365,3 @@ def test_int64_offsets_huge_batch():
                                          detach_teacher=True, ignore_index=-100, reduction="none",
                                          compute_grad=False)[1][0, 1]
     assert_close(got[rows], want, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("HDKD_FAST_AOT") != "1" or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="offline sm_90 compile: HDKD_FAST_AOT=1 and TRITON_INTERPRET unset")
-@pytest.mark.parametrize("kernel", ["fwd_detached", "fwd_teacher", "jvp_teacher"])
-def test_offline_compile_for_sm90(kernel):
-    """Compile the kernels for an H100/H200 (sm_90) without a GPU: catches compiled-mode-only errors
-    that the interpreter cannot see. Run: HDKD_FAST_AOT=1 TRITON_INTERPRET=0 pytest tests/test_triton.py -k offline"""
-    import triton
-    import triton.language as tl
-    from hdkd_fast.kernels import _common, dense_kd_fwd, dense_kd_jvp
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kp, bc, warps = _common.block_sizes(8, 1000)
-    common = dict(HAS_TARGET=True, TEMP_ONE=False, TWO_TEMPS=True, KP=kp, BLOCK_C=bc, ALIGN=8, ACC=tl.float32,
-                  PREC=_common.DOT_PRECISION)
-    if kernel.startswith("fwd"):
-        fn = dense_kd_fwd._dense_kd_fwd_kernel
-        types = ["*bf16", "*i64", "*i64", "*fp32", "i32", "i32", "*fp32", "i32", "i32", "i32",
-                 "*fp32", "*fp32", "*fp32", "*bf16", "i32", "i32", "i32", "i32"]
-        consts = dict(common, COMPUTE_GRAD=True, HAS_CE_W=True, HAS_KD_W=True, DETACH=kernel == "fwd_detached")
-    else:
-        fn = dense_kd_jvp._dense_kd_jvp_kernel
-        types = ["*bf16", "*i64", "*bf16", "*i64", "*i64", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32", "i32"]
-        consts = dict(common, DALIGN=8, DETACH=False)
-    names = fn.arg_names
-    signature = dict(zip(names, types + ["constexpr"] * (len(names) - len(types)), strict=True))
-    constexprs = {(names.index(n),): v for n, v in consts.items()}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps})
-    assert "ld.global" in compiled.asm["ptx"]
