@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .bilevel.hdkd import VALIDATION_OBJECTIVES
-from .data.load import DATASETS, IDX_DATASETS
 from .bilevel.hypergrad import HYPERGRAD_MODES
+from .data.load import DATASETS, IDX_DATASETS
 from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, METHODS, SCHEDULES, TrainConfig
 
 

@@ -27,6 +27,7 @@ from .loader import EpochLoader
 
 __all__ = [
     "DATASETS",
+    "IDX_DATASETS",
     "IMAGE_EXTENSIONS",
     "Augment",
     "AugmentParams",
@@ -34,7 +35,6 @@ __all__ = [
     "DownloadError",
     "EpochLoader",
     "FolderImageDataset",
-    "IDX_DATASETS",
     "ImageDataset",
     "TensorImageDataset",
     "download_dataset",

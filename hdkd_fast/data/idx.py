@@ -111,8 +111,9 @@ FASHION_MNIST = IdxFormat(
         "bef4ecab320f06d8554ea6380940ec79",
         "bb300cfdad3c16e7a12a480ee83cd310",
     ),
-    class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                 "Ankle boot"),  # fmt: skip
+    class_names=(
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+    ),
     folders=("fashion-mnist", "FashionMNIST/raw"),
     flip=True,
 )

@@ -134,7 +134,11 @@ def load_dataset(
 
 
 def download_dataset(
-    name: str | None, data_dir: str | os.PathLike[str] | None = None, *, base_url: str | None = None, progress: bool = True
+    name: str | None,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    base_url: str | None = None,
+    progress: bool = True,
 ) -> Path:
     """Fetch the official files of ``name`` (one of the MNIST family) that ``data_dir`` lacks; returns the folder.
 
