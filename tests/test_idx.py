@@ -319,15 +319,15 @@ def test_corrupt_download_leaves_nothing(server: Server, tmp_path: Path) -> None
     write_set(server.root / "files")  # real-format files, but not the official ones: every MD5 differs
     (server.root / "files" / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b corrupted")
     digest = hashlib.md5(b"\x1f\x8b corrupted").hexdigest()
-    target = tmp_path / "fm"
+    target = tmp_path / "new" / "fm"
     with pytest.raises(DownloadError) as info:
         download_dataset("fashion-mnist", target, base_url=server.url)
     message = str(info.value)
     assert message.startswith("cannot download the Fashion-MNIST file train-images-idx3-ubyte.gz: ")
     assert f"{server.url}/train-images-idx3-ubyte.gz: checksum mismatch: its MD5 is {digest}" in message
     assert "the published one 8d4fb7e6c68d591d4c3dfef9ec88bf0d" in message and "nothing was saved" in message
-    assert not target.exists()  # not even the folder it would have created
-    target.mkdir()
+    assert not (tmp_path / "new").exists()  # not even the folders it would have created
+    target.mkdir(parents=True)
     with pytest.raises(DownloadError, match="checksum mismatch"):
         download_dataset("fashion-mnist", target, base_url=server.url)
     assert list(target.iterdir()) == []  # no temporary file either

@@ -28,12 +28,12 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import http.client
 import math
 import os
 import re
 import struct
 import tempfile
-import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
@@ -172,7 +172,7 @@ def identify(folder: Path) -> IdxFormat | None:
     """Which dataset ``folder`` holds: from its path (nearest named component first), else from the MD5
     of its ``train-labels-idx1-ubyte.gz``; ``None`` when neither tells."""
     keys = {_key(sub.split("/")[0]): fmt for fmt in FORMATS.values() for sub in fmt.folders}
-    for part in reversed(folder.resolve().parts):
+    for part in reversed(folder.absolute().parts):  # the names the user gave (symlinks not followed)
         if _key(part) in keys:
             return keys[_key(part)]
     labels = folder / f"{TRAIN_LABELS}.gz"
@@ -296,8 +296,11 @@ def download(
     """
     base = base_url if base_url is not None else os.environ.get(DOWNLOAD_URL_ENV) or None
     mirrors = (base,) if base else fmt.mirrors
-    created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
+    created = [folder for folder in (root, *root.absolute().parents) if not folder.exists()]  # deepest first
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DownloadError(f"cannot create the folder {root} for the {fmt.title} files: {err}") from err
     fetched = []
     try:
         for name, md5 in zip(FILES, fmt.md5, strict=True):
@@ -317,8 +320,11 @@ def download(
             else:
                 raise DownloadError(f"cannot download the {fmt.title} file {filename}: " + "; ".join(failures))
     finally:
-        if created and not any(root.iterdir()):
-            root.rmdir()
+        for folder in created:  # the folders made here, if nothing was saved in them
+            try:
+                folder.rmdir()
+            except OSError:
+                break
     return fetched
 
 
@@ -338,7 +344,7 @@ def _fetch(url: str, target: Path, md5: str, progress: bool) -> None:
                         file.write(chunk)
                         digest.update(chunk)
                         bar.update(len(chunk))
-        except (urllib.error.URLError, OSError, ValueError) as err:  # HTTPError is a URLError; ValueError: bad URL
+        except (OSError, http.client.HTTPException, ValueError) as err:  # URLError/HTTPError are OSErrors; bad URL
             reason = getattr(err, "reason", None) or err
             raise DownloadError(f"{url}: {reason}") from err
         if digest.hexdigest() != md5:
