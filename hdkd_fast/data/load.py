@@ -199,7 +199,7 @@ def _idx(fmt: idx.IdxFormat, root: Path | None, val_size: int | float | None, se
             system, cache = idx.default_dirs(fmt)
             raise FileNotFoundError(
                 f"no {fmt.title} files: pass data_dir (the folder of {idx.TRAIN_IMAGES}[.gz] ...), "
-                + (f"install the Debian package dataset-{fmt.name} ({system}), " if fmt is idx.FASHION_MNIST else "")
+                + (f"install the Debian package dataset-{fmt.name} ({system}), " if fmt.name == "fashion-mnist" else "")
                 + f"or download them (hdkd-fast train --download, download=True) into {cache}"
             )
     else:
