@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .bilevel.hdkd import VALIDATION_OBJECTIVES
 from .bilevel.hypergrad import HYPERGRAD_MODES
+from .data.load import DATASETS, IDX_DATASETS
 from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, METHODS, SCHEDULES, TrainConfig
 
 
@@ -51,14 +52,19 @@ def _parser() -> argparse.ArgumentParser:
 def _train_parser(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--method", choices=METHODS, default=d.method, help="training method (README: Methods)")
-    p.add_argument("--dataset", choices=("digits", "cifar10", "cifar100", "imagefolder"), default=None,
+    p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="default: detected from --data-dir; the embedded digits without one")
-    p.add_argument("--data-dir", default=None, help="CIFAR python folder / .tar.gz, or an ImageFolder root")
+    p.add_argument("--data-dir", default=None, help="CIFAR python folder / .tar.gz, MNIST-format (IDX) files, "
+                   "or an ImageFolder root (README: Datasets)")
+    p.add_argument("--download", action="store_true",
+                   help=f"{' / '.join(IDX_DATASETS)}: first fetch the official files (checked against their "
+                   "published MD5s) into --data-dir (default ~/.cache/hdkd_fast/<dataset>)")
     p.add_argument("--model", default=None, help="msdnet[-cifar|-imagenet|-tiny], resnet18|34|50[-blocks]; "
-                   "default msdnet-tiny on digits, msdnet otherwise")
+                   "default msdnet-tiny on digits and the MNIST family, msdnet otherwise")
     p.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<model>-<method>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--epochs", type=int, default=None, help="default 300 (paper), 12 on digits")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default 300 (paper), 12 on digits, 15 on the MNIST family")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--momentum", type=float, default=d.momentum)
@@ -71,7 +77,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=d.temperature, help="distillation temperature T")
     p.add_argument("--val-size", type=float, default=None,
                    help="validation images held out of the training set (count, or fraction < 1); "
-                   "default 5000 on CIFAR, 10%% otherwise")
+                   "default 5000 on CIFAR and the MNIST family, 10%% otherwise")
     p.add_argument("--limit", type=int, default=None, help="use at most this many images per split (smoke tests)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", choices=DEVICES, default=d.device)
@@ -108,6 +114,10 @@ def _train(args: argparse.Namespace) -> int:
         val_size = int(val_size)
     fields = {f.name for f in dataclasses.fields(TrainConfig)} & vars(args).keys()  # the options are the fields
     values = {name: getattr(args, name) for name in fields}
+    if args.download:
+        from .data import download_dataset
+
+        values["data_dir"] = str(download_dataset(args.dataset, args.data_dir, progress=args.progress))
     config = TrainConfig(**{**values, "milestones": tuple(args.milestones), "val_size": val_size})
     run_dir = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports

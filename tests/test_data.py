@@ -731,9 +731,9 @@ def test_image_dataset_indexing() -> None:
 
 
 def test_load_dataset_arguments(tmp_path: Path) -> None:
-    assert DATASETS == ("digits", "cifar10", "cifar100", "imagefolder")
-    with pytest.raises(ValueError, match=r"name must be one of digits, cifar10, cifar100, imagefolder .*'mnist'"):
-        load_dataset("mnist")
+    assert DATASETS == ("digits", "cifar10", "cifar100", "imagefolder", "mnist", "fashion-mnist", "kmnist")
+    with pytest.raises(ValueError, match=r"name must be one of digits, cifar10, .*, kmnist .*'svhn'"):
+        load_dataset("svhn")
     with pytest.raises(TypeError, match="name must be a str or None; got int"):
         load_dataset(10)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="seed must be an int"):

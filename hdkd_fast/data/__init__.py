@@ -6,6 +6,9 @@
   - ``"digits"``: scikit-learn's bundled 8×8 handwritten digits, the default when no data directory is
     given (no download);
   - ``"cifar10"``, ``"cifar100"``: the python-pickle version, as a folder or its ``.tar.gz`` archive;
+  - ``"mnist"``, ``"fashion-mnist"``, ``"kmnist"``: the IDX files (raw or ``.gz``) of the MNIST family,
+    found in a folder, Debian's ``/usr/share/datasets/<name>`` or fetched by :func:`download_dataset`
+    (published MD5s checked);
   - ``"imagefolder"``: ``root/train/<class>/<image>`` (+ ``test``/``val``), decoded with Pillow;
 
 - :class:`Augment`: random crop with zero padding, horizontal flip and normalization of whole batches
@@ -18,18 +21,22 @@ scikit-learn, Pillow and numpy are imported only when a dataset needs them (``pi
 from .augment import Augment, AugmentParams
 from .dataset import ImageDataset, TensorImageDataset
 from .folder import IMAGE_EXTENSIONS, FolderImageDataset
-from .load import DATASETS, DataBundle, load_dataset
+from .idx import DownloadError
+from .load import DATASETS, IDX_DATASETS, DataBundle, download_dataset, load_dataset
 from .loader import EpochLoader
 
 __all__ = [
     "DATASETS",
+    "IDX_DATASETS",
     "IMAGE_EXTENSIONS",
     "Augment",
     "AugmentParams",
     "DataBundle",
+    "DownloadError",
     "EpochLoader",
     "FolderImageDataset",
     "ImageDataset",
     "TensorImageDataset",
+    "download_dataset",
     "load_dataset",
 ]

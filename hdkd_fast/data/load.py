@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import cifar, folder
+from . import cifar, folder, idx
 from .dataset import ImageDataset, channel_stats
 from .digits import CLASS_NAMES as DIGIT_NAMES
 from .digits import read_digits
 from .splits import STATS_STREAM, TEST_STREAM, VAL_STREAM, holdout_size, random_holdout, stratified_holdout
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", *idx.FORMATS)
+"""Every dataset :func:`load_dataset` knows (and ``hdkd-fast train --dataset`` offers)."""
+IDX_DATASETS = tuple(idx.FORMATS)
+"""The MNIST family (IDX files): ``"mnist"``, ``"fashion-mnist"``, ``"kmnist"``."""
 
 CIFAR_VAL_SIZE = 5000
 """Default validation split of CIFAR: 5000 training images, as in MSDNet and HDKD."""
+IDX_VAL_SIZE = 5000
+"""Default validation split of the MNIST family: 5000 of the 60000 training images (the usual 55000/5000)."""
+IDX_CROP_PADDING = 2
+"""Random-crop padding of the MNIST family's 28×28 images: shifts of up to 2 pixels (7%, as CIFAR's 4 of
+32 pixels) keep a centred digit, character or garment whole; no flip for digits and characters (mirrored,
+they are other symbols), a flip for Fashion-MNIST (a mirrored garment is the same garment)."""
 VAL_FRACTION = 0.1
 """Default validation split of digits and image folders: 10% of the training images."""
 TEST_FRACTION = 0.2
@@ -34,8 +44,10 @@ DEFAULT_IMAGE_SIZE = 32
 class DataBundle:
     """A dataset split three ways, with what a model and :class:`~hdkd_fast.data.Augment` need to know.
 
-    ``mean``/``std``: per channel, in [0, 1] pixel units (CIFAR: the published statistics; digits and image
-    folders: computed on ``train``).
+    ``mean``/``std``: per channel, in [0, 1] pixel units (CIFAR: the published statistics; the others:
+    computed on ``train``). ``crop_padding``/``flip``: the training augmentation that suits the images
+    (:class:`~hdkd_fast.data.Augment`'s arguments): random crop with 4 pixels of padding and flips for CIFAR and
+    image folders, 1 pixel and no flip for the 8×8 digits, see :data:`IDX_CROP_PADDING` for the MNIST family.
     """
 
     name: str
@@ -47,6 +59,8 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: tuple[str, ...]
+    crop_padding: int = 4
+    flip: bool = True
 
 
 def load_dataset(
@@ -56,21 +70,29 @@ def load_dataset(
     val_size: int | float | None = None,
     seed: int = 0,
     image_size: int | None = None,
+    download: bool = False,
 ) -> DataBundle:
     """Load a dataset and split off its validation set (and its test set where it has none).
 
     Args:
         name: one of :data:`DATASETS`, or ``None``: ``"digits"`` without ``data_dir``, else detected from
             ``data_dir``: a CIFAR-10 or CIFAR-100 python folder (``data_dir`` itself, ``data_dir/cifar-10-batches-py``
-            or ``data_dir/cifar-100-python``), their ``.tar.gz`` archive (``data_dir`` or inside it), or an
-            image folder (``data_dir/train/<class>/...``).
-        data_dir: where the files are (not used by ``"digits"``, which ships with scikit-learn).
+            or ``data_dir/cifar-100-python``), their ``.tar.gz`` archive (``data_dir`` or inside it), the IDX
+            files of the MNIST family (``data_dir`` or a subfolder named after the dataset, see
+            :mod:`hdkd_fast.data.idx`; which of the three is read from the path or the published checksums),
+            or an image folder (``data_dir/train/<class>/...``).
+        data_dir: where the files are (not used by ``"digits"``, which ships with scikit-learn). The MNIST
+            family without one is looked for in ``/usr/share/datasets/<name>`` (Debian's ``dataset-<name>``
+            package), then in the download cache ``~/.cache/hdkd_fast/<name>``.
         val_size: training images held out as the validation split: a count, or a fraction in (0, 1) of
-            the training images. Default: 5000 on CIFAR (as in MSDNet/HDKD), 10% otherwise.
+            the training images. Default: 5000 on CIFAR (as in MSDNet/HDKD) and the MNIST family, 10%
+            otherwise.
         seed: fixes the validation split (a seeded random permutation, the same in every process) and, for
             image folders, the sample their mean/std is estimated on. The test split that digits and image
             folders without ``test``/``val`` get (stratified, 20%) does not depend on it.
         image_size: image folders only: side of the square images (default 32).
+        download: the MNIST family only (``name`` required): first fetch the missing official files into
+            ``data_dir`` (default: the download cache), see :func:`download_dataset`.
 
     Raises:
         ValueError / TypeError naming the argument; FileNotFoundError naming a missing file; ValueError
@@ -87,13 +109,19 @@ def load_dataset(
             raise TypeError(f"image_size must be an int or None; got {type(image_size).__name__}")
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1; got {image_size}")
+    if not isinstance(download, bool):
+        raise TypeError(f"download must be a bool; got {type(download).__name__}")
     root = None if data_dir is None else Path(data_dir)
+    if download:
+        root = download_dataset(name, root)
     if root is not None and not root.exists():
         raise FileNotFoundError(f"data_dir {root} does not exist")
     if name is None:
         name = "digits" if root is None else _detect(root)
     if name != "imagefolder" and image_size is not None:
         raise ValueError(f"image_size applies to image folders only; {name} images have a fixed size")
+    if name in idx.FORMATS:
+        return _idx(idx.FORMATS[name], root, val_size, seed)
     if name == "digits":
         if root is not None:
             raise ValueError(f"data_dir must be None for 'digits' (it ships with scikit-learn); got {str(root)!r}")
@@ -105,16 +133,54 @@ def load_dataset(
     return _cifar(cifar.FORMATS[name], root, val_size, seed)
 
 
+def download_dataset(
+    name: str | None,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    base_url: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Fetch the official files of ``name`` (one of the MNIST family) that ``data_dir`` lacks; returns the folder.
+
+    The files go into ``data_dir`` itself (created if needed; default: ``~/.cache/hdkd_fast/<name>``, or
+    under ``$XDG_CACHE_HOME``). Files already there are kept. Each download shows a progress bar and is checked
+    against its published MD5 before it is renamed into place; ``base_url`` (or ``$HDKD_FAST_DOWNLOAD_URL``)
+    replaces the official servers. See :func:`hdkd_fast.data.idx.download`.
+
+    Raises:
+        ValueError for a dataset that cannot be downloaded; :class:`~hdkd_fast.data.idx.DownloadError` (a
+        ValueError) naming the file and the URL when a download fails or its checksum does not match.
+    """
+    if name not in idx.FORMATS:
+        raise ValueError(f"download needs the dataset named, one of {', '.join(idx.FORMATS)}; got {name!r}")
+    fmt = idx.FORMATS[name]
+    root = idx.cache_dir(fmt) if data_dir is None else Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"data_dir {root} is a file; the {fmt.title} files are downloaded into a folder")
+    idx.download(fmt, root, base_url=base_url, progress=progress)
+    return root
+
+
 def _detect(root: Path) -> str:
     for fmt in cifar.FORMATS.values():
         if cifar.locate(fmt, root) is not None:
             return fmt.name
+    found = idx.locate(root)
+    if found is not None:
+        idx_format = idx.identify(found)
+        if idx_format is None:
+            raise ValueError(
+                f"{found} holds IDX files, but which dataset is it? MNIST, Fashion-MNIST and KMNIST share the "
+                f"format: name it (--dataset {' / '.join(idx.FORMATS)}), or the folder after it"
+            )
+        return idx_format.name
     if folder.find_layout(root) is not None:
         return "imagefolder"
     raise ValueError(
         f"cannot tell which dataset data_dir {root} holds: expected the CIFAR-10 python folder "
         f"({cifar.CIFAR10.folder}: {', '.join(cifar.CIFAR10.files)}), the CIFAR-100 one ({cifar.CIFAR100.folder}: "
-        f"{', '.join(cifar.CIFAR100.files)}), either .tar.gz archive, or an image folder (train/<class>/<image>)"
+        f"{', '.join(cifar.CIFAR100.files)}), either .tar.gz archive, the IDX files of MNIST / Fashion-MNIST / "
+        f"KMNIST ({', '.join(idx.FILES)}, raw or .gz), or an image folder (train/<class>/<image>)"
     )
 
 
@@ -122,7 +188,30 @@ def _digits(val_size: int | float | None, seed: int) -> DataBundle:
     everything = read_digits()
     pool, held = stratified_holdout(everything.labels, TEST_FRACTION, TEST_SEED, TEST_STREAM)
     train, test = everything.subset(pool), everything.subset(held)
-    return _bundle("digits", train, test, val_size, VAL_FRACTION, seed, DIGIT_NAMES)
+    bundle = _bundle("digits", train, test, val_size, VAL_FRACTION, seed, DIGIT_NAMES)
+    return dataclasses.replace(bundle, crop_padding=1, flip=False)
+
+
+def _idx(fmt: idx.IdxFormat, root: Path | None, val_size: int | float | None, seed: int) -> DataBundle:
+    if root is None:
+        found = next((f for f in map(idx.locate, idx.default_dirs(fmt)) if f is not None), None)
+        if found is None:
+            system, cache = idx.default_dirs(fmt)
+            raise FileNotFoundError(
+                f"no {fmt.title} files: pass data_dir (the folder of {idx.TRAIN_IMAGES}[.gz] ...), "
+                + (f"install the Debian package dataset-{fmt.name} ({system}), " if fmt.name == "fashion-mnist" else "")
+                + f"or download them (hdkd-fast train --download, download=True) into {cache}"
+            )
+    else:
+        found = idx.locate(root, fmt)
+        if found is None:
+            raise FileNotFoundError(
+                f"no {fmt.title} files in {root}: expected {idx.TRAIN_IMAGES}[.gz] ... in it or in one of its "
+                f"subfolders {', '.join(fmt.folders)} (download them with hdkd-fast train --download)"
+            )
+    train, test = idx.read_idx_dataset(fmt, found)
+    bundle = _bundle(fmt.name, train, test, val_size, IDX_VAL_SIZE, seed, fmt.class_names)
+    return dataclasses.replace(bundle, crop_padding=IDX_CROP_PADDING, flip=fmt.flip)
 
 
 def _cifar(fmt: cifar.CifarFormat, root: Path, val_size: int | float | None, seed: int) -> DataBundle:

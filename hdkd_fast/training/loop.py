@@ -98,8 +98,7 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
     method.bind(optimizer)
     scheduler = _scheduler(config, optimizer)
     assert config.epochs is not None
-    digits = data.name == "digits"
-    augment = Augment(data.mean, data.std, crop_padding=1 if digits else 4, flip=not digits)
+    augment = Augment(data.mean, data.std, crop_padding=data.crop_padding, flip=data.flip)
     normalize = Augment(data.mean, data.std, train=False)
     generator = torch.Generator().manual_seed(config.seed * 1000 + ctx.rank)
     loader = EpochLoader(data.train, config.batch_size, shuffle=True, seed=config.seed, rank=ctx.rank,
