@@ -116,6 +116,7 @@ else
     tail -n 60 "$OUT/build.log"
     echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
     export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+    export HDKD_FAST_NO_EXT=1  # no second try at the build on first use: GPU minutes are scarce
   fi
   build_s=$(elapsed "$t")
   echo "== stage build: ${build_status^^} in ${build_s} s"
