@@ -33,7 +33,15 @@ from ..distill import GradientEquilibrium
 from ..models.base import MultiExitModule
 from ..models.zoo import build_model
 from . import distributed as dist_utils
-from .checkpoint import CHECKPOINT, CHECKPOINT_VERSION, load_checkpoint, rng_state, save_atomic, set_rng_state
+from .checkpoint import (
+    CHECKPOINT,
+    CHECKPOINT_VERSION,
+    load_checkpoint,
+    restore_field,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from .config import TrainConfig
 from .evaluate import collect_logits, final_summary, split_metrics
 from .methods import METHOD_CLASSES, Batch, TrainMethod, cycle
@@ -110,7 +118,7 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
 
     start_epoch, step, elapsed = 0, 0, 0.0
     if state is not None:
-        start_epoch, step, elapsed = _restore(state, model, optimizer, scheduler, method, generator, ctx)
+        start_epoch, step, elapsed = _restore(state, run_dir, model, optimizer, scheduler, method, generator, ctx)
         _follow_run_length(scheduler, config)
         if ctx.is_main:
             _truncate_metrics(run_dir / METRICS, start_epoch)
@@ -192,7 +200,7 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", log: Callable[[st
         raise ValueError("evaluate runs in one process; do not start it with torchrun")
     data = _run_data(config)
     base, model, channels_last = _network(config, data, ctx.device)
-    model.load_state_dict(state["model"])
+    restore_field(run_dir, "model", model.load_state_dict, state["model"])
     _finish(Path(run_dir), config, base, model, data, float(state["time_s"]), ctx.device,
             _autocast(config.amp, ctx.device), channels_last, log)
     return Path(run_dir)
@@ -237,7 +245,7 @@ def load_teacher(path: str, num_classes: int, input_shape: tuple[int, ...] | Non
     if cfg.gradient_equilibrium:  # the GradientEquilibrium wrapper holds the network as .model
         weights = {k.removeprefix("model."): v for k, v in weights.items()}
     teacher = build_model(cfg.model or "", num_classes, tuple(state["input_shape"]))
-    teacher.load_state_dict(weights)
+    restore_field(path, "model", teacher.load_state_dict, weights)
     return teacher.eval().requires_grad_(False)
 
 
@@ -320,18 +328,17 @@ def _add_batch_totals(totals: Tensor, loss: float, logits: Logits | None, y: Ten
         totals[2:] += torch.stack([(z.argmax(dim=1) == y).sum() for z in logits]).to(totals.dtype)
 
 
-def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+def _restore(state: dict[str, Any], run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler, method: TrainMethod, generator: torch.Generator,
              ctx: dist_utils.Context) -> tuple[int, int, float]:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    method.load_state_dict(state["method"])
+    """Load the checkpoint ``state`` of ``run_dir`` into the run's objects; returns (epoch, step, time)."""
     rngs = state["rng"]
     if len(rngs) != ctx.world_size:
         raise ValueError(f"the checkpoint was written by {len(rngs)} processes; resume it with as many "
                          f"(this run has {ctx.world_size})")
-    set_rng_state(rngs[ctx.rank], generator)
+    for field, target in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("method", method)):
+        restore_field(run_dir, field, target.load_state_dict, state[field])
+    restore_field(run_dir, "rng", lambda rng: set_rng_state(rng, generator), rngs[ctx.rank])
     return int(state["epoch"]), int(state["step"]), float(state["time_s"])
 
 

@@ -1,0 +1,113 @@
+"""Issue 17 (hardening): checkpoints that cannot run code and whose structure is checked, and the
+command line's failures as one line with exit code 2 and nothing half-written.
+
+Every run trains on the embedded digits (scikit-learn), 96 images per split, one epoch on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hdkd_fast.cli import main
+from hdkd_fast.training.checkpoint import CHECKPOINT, load_checkpoint
+
+pytest.importorskip("sklearn")  # the embedded digits
+
+FAST = ["--limit", "96", "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-progress"]
+
+
+def train(out: Path, *args: str) -> int:
+    return main(["train", *FAST, "--out", str(out), *args])
+
+
+def expect_error(capsys: pytest.CaptureFixture[str], argv: list[str], *pieces: str) -> str:
+    """``main(argv)`` returns 2 and prints one line on stderr holding every piece; returns it."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"hdkd-fast {argv[0]}: error: "), err
+    for piece in pieces:
+        assert piece in err, (piece, err)
+    return err
+
+
+@pytest.fixture(scope="module")
+def ce_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch ``ce`` run. Read-only: tests copy what they change."""
+    out = tmp_path_factory.mktemp("runs") / "ce"
+    assert train(out, "--method", "ce") == 0
+    return out
+
+
+# --- item 1: opening a checkpoint runs no code, and its structure is checked -------------------------------
+
+
+class Evil:
+    """Unpickling it runs a shell command that creates the file ``pwned.txt`` in the working directory."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, ("touch pwned.txt",)
+
+
+def write_checkpoint(run: Path, state: dict[str, Any]) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    torch.save(state, run / CHECKPOINT)
+    return run
+
+
+def test_a_checkpoint_with_code_is_refused(ce_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    state = load_checkpoint(ce_run)
+    evil = write_checkpoint(tmp_path / "evil", {**state, "x": Evil()})
+    expect_error(capsys, ["evaluate", str(evil), "--device", "cpu"],
+                 str(evil / CHECKPOINT), "cannot be read", "posix.system")
+    expect_error(capsys, ["train", "--resume", "--out", str(evil), "--no-progress"], str(evil / CHECKPOINT))
+    expect_error(capsys, ["train", *FAST, "--method", "erde", "--teacher", str(evil), "--out", str(tmp_path / "r")],
+                 str(evil / CHECKPOINT))
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda s: s.pop("model"), "'model' is missing"),
+    (lambda s: s.pop("num_classes"), "'num_classes' is missing"),
+    (lambda s: s.pop("rng"), "'rng' is missing"),
+    (lambda s: s.update(epoch="1"), "field 'epoch' must be an int"),
+    (lambda s: s.update(num_classes=0), "field 'num_classes' must be >= 1"),
+    (lambda s: s.update(input_shape=[1, "8", 8]), "field 'input_shape' must be an int"),
+    (lambda s: s.update(model=[1, 2]), "field 'model' must be a state dict"),
+    (lambda s: s.update(rng=[{"torch": torch.zeros(3)}]), "field 'rng'[0] must be a dict with the keys"),
+    (lambda s: s["config"].update(lr=-1.0), "field 'config': lr must be finite and > 0"),
+    (lambda s: s["config"].update(colour="red"), "field 'config': unknown config keys ['colour']"),
+], ids=["no-model", "no-num_classes", "no-rng", "epoch-str", "no-classes", "shape-str", "model-list", "rng-keys",
+        "config-lr", "config-key"])
+def test_a_checkpoint_with_a_bad_field_is_named(change: Any, field: str, ce_run: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    state = load_checkpoint(ce_run)
+    change(state)
+    bad = write_checkpoint(tmp_path / "bad", state)
+    where = str(bad / CHECKPOINT)
+    expect_error(capsys, ["train", "--resume", "--out", str(bad), "--no-progress"], where, field)
+    expect_error(capsys, ["train", *FAST, "--method", "erde", "--teacher", str(bad), "--out", str(tmp_path / "r")],
+                 where, field)
+    expect_error(capsys, ["evaluate", str(bad), "--device", "cpu"], where, field)
+
+
+def test_a_checkpoint_of_another_model_is_one_line(ce_run: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Well-formed fields whose contents do not fit the model the config builds: one line, file and field."""
+    state = load_checkpoint(ce_run)
+    state["model"] = {name: t[..., :1] if t.dim() else t for name, t in state["model"].items()}
+    bad = write_checkpoint(tmp_path / "other", state)
+    where = str(bad / CHECKPOINT)
+    expect_error(capsys, ["train", "--resume", "--out", str(bad), "--epochs", "2", "--no-progress"],
+                 where, "field 'model' does not fit")
+    expect_error(capsys, ["evaluate", str(bad), "--device", "cpu"], where, "field 'model' does not fit")
+    expect_error(capsys, ["train", *FAST, "--method", "erde", "--teacher", str(bad), "--out", str(tmp_path / "r")],
+                 where, "field 'model' does not fit")
