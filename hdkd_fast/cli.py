@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args))
-    except (ValueError, TypeError, FileNotFoundError) as exc:  # bad arguments or data: one clear line
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:  # bad arguments or data: one line
         print(f"hdkd-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

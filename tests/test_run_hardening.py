@@ -15,6 +15,7 @@ import torch
 
 from hdkd_fast.cli import main
 from hdkd_fast.training.checkpoint import CHECKPOINT, load_checkpoint
+from hdkd_fast.training.report import read_metrics
 
 pytest.importorskip("sklearn")  # the embedded digits
 
@@ -111,3 +112,16 @@ def test_a_checkpoint_of_another_model_is_one_line(ce_run: Path, tmp_path: Path,
     expect_error(capsys, ["evaluate", str(bad), "--device", "cpu"], where, "field 'model' does not fit")
     expect_error(capsys, ["train", *FAST, "--method", "erde", "--teacher", str(bad), "--out", str(tmp_path / "r")],
                  where, "field 'model' does not fit")
+
+
+# --- item 2: non-finite values in a run ---------------------------------------------------------------------
+
+
+def test_hdkd_records_its_skipped_updates(tmp_path: Path) -> None:
+    assert train(tmp_path / "hdkd", "--method", "hdkd") == 0
+    assert [r["skipped_updates"] for r in read_metrics(tmp_path / "hdkd")] == [0]
+
+
+def test_a_diverging_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    expect_error(capsys, ["train", *FAST, "--method", "ce", "--lr", "1e30", "--out", str(tmp_path / "run")],
+                 "the training loss became", "lower --lr")

@@ -218,7 +218,8 @@ class HarmonizedDenseDistillation(TrainMethod):
         assert self.hdkd is not None
         with torch.no_grad():
             w = self.hdkd.weights()
-        return {"temperature": self.criterion.temperature, "weights/ce": w.ce.tolist(), "weights/kd": w.kd.tolist()}
+        return {"temperature": self.criterion.temperature, "weights/ce": w.ce.tolist(), "weights/kd": w.kd.tolist(),
+                "skipped_updates": self.hdkd.skipped_updates}
 
     def state_dict(self) -> dict[str, Any]:
         assert self.hdkd is not None
