@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .bilevel.hdkd import VALIDATION_OBJECTIVES
 from .bilevel.hypergrad import HYPERGRAD_MODES
+from .evaluation import BUDGET_PROTOCOLS
 from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, METHODS, SCHEDULES, TrainConfig
 
 
@@ -91,6 +92,8 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--entropy-weight", type=float, default=d.entropy_weight, help="erde: entropy-term weight")
     g.add_argument("--uncertainty-lambda", type=float, default=d.uncertainty_lambda, help="dkd-uncertainty: λ")
     g.add_argument("--gradient-equilibrium", action="store_true", help="IMTA gradient rescaling (any method)")
+    p.add_argument("--budget-protocol", choices=tuple(BUDGET_PROTOCOLS), default=d.budget_protocol,
+                   help="q sweep of final.json's budgeted evaluation: q = p/20, p = 1..40 (imta) or 1..39 (msdnet)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(run=_train)
 

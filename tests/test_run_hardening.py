@@ -15,7 +15,7 @@ import torch
 
 from hdkd_fast.cli import main
 from hdkd_fast.training.checkpoint import CHECKPOINT, load_checkpoint
-from hdkd_fast.training.report import read_metrics
+from hdkd_fast.training.report import read_final, read_metrics
 
 pytest.importorskip("sklearn")  # the embedded digits
 
@@ -125,3 +125,17 @@ def test_hdkd_records_its_skipped_updates(tmp_path: Path) -> None:
 def test_a_diverging_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     expect_error(capsys, ["train", *FAST, "--method", "ce", "--lr", "1e30", "--out", str(tmp_path / "run")],
                  "the training loss became", "lower --lr")
+
+
+# --- item 7: the budgeted evaluation's q sweep is a choice of the run ---------------------------------------
+
+
+def test_budget_protocol_of_a_run(ce_run: Path, tmp_path: Path) -> None:
+    default = read_final(ce_run)["budget"]
+    assert default["protocol"] == "imta" and default["q"] == [p / 20 for p in range(1, 41)]
+    assert train(tmp_path / "msdnet", "--method", "ce", "--budget-protocol", "msdnet") == 0
+    budget = read_final(tmp_path / "msdnet")["budget"]
+    assert budget["protocol"] == "msdnet" and budget["q"] == [p / 20 for p in range(1, 40)]
+    assert len(budget["accuracy"]) == len(budget["cost"]) == 39
+    with pytest.raises(SystemExit):
+        main(["train", *FAST, "--budget-protocol", "official", "--out", str(tmp_path / "bad")])

@@ -14,6 +14,7 @@ from typing import Any
 from .._validation import check_count, check_nonnegative, check_positive
 from ..bilevel.hdkd import VALIDATION_OBJECTIVES
 from ..bilevel.hypergrad import HYPERGRAD_MODES
+from ..evaluation import BUDGET_PROTOCOLS, DEFAULT_BUDGET_PROTOCOL
 from ..models.base import check_choice
 
 METHODS = ("ce", "dbt", "dkd", "hdkd", "ekd", "erde", "dkd-uncertainty")
@@ -73,6 +74,7 @@ class TrainConfig:
     uncertainty_lambda: float = 1.0
     # any method
     gradient_equilibrium: bool = False
+    budget_protocol: str = DEFAULT_BUDGET_PROTOCOL
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -96,6 +98,7 @@ class TrainConfig:
         check_choice(self.hypergrad, "hypergrad", HYPERGRAD_MODES)
         check_choice(self.validation, "validation", VALIDATION_OBJECTIVES)
         check_choice(self.dbt_schedule, "dbt_schedule", DBT_SCHEDULES)
+        check_choice(self.budget_protocol, "budget_protocol", tuple(BUDGET_PROTOCOLS))
         for name in ("batch_size", "update_every"):
             check_count(getattr(self, name), name)
         for name in ("epochs", "limit"):

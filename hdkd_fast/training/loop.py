@@ -219,7 +219,8 @@ def _finish(run_dir: Path, config: TrainConfig, base: MultiExitModule, model: nn
     summary = {"method": config.method, "dataset": data.name, "model": config.model,
                "num_exits": base.num_exits, "epochs": config.epochs, "train_time_s": elapsed,
                **final_summary(base, val_out, test_out, data.input_shape,
-                               criterion="entropy" if config.method == "erde" else "maxprob")}
+                               criterion="entropy" if config.method == "erde" else "maxprob",
+                               protocol=config.budget_protocol)}
     (run_dir / FINAL).write_text(json.dumps(summary, indent=2) + "\n")
     _write_plots(run_dir, log)
 
