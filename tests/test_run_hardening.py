@@ -6,14 +6,18 @@ Every run trains on the embedded digits (scikit-learn), 96 images per split, one
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from hdkd_fast.cli import main
+from hdkd_fast.training import METHOD_CLASSES, TrainConfig
 from hdkd_fast.training.checkpoint import CHECKPOINT, load_checkpoint
 from hdkd_fast.training.report import read_final, read_metrics
 
@@ -139,3 +143,35 @@ def test_budget_protocol_of_a_run(ce_run: Path, tmp_path: Path) -> None:
     assert len(budget["accuracy"]) == len(budget["cost"]) == 39
     with pytest.raises(SystemExit):
         main(["train", *FAST, "--budget-protocol", "official", "--out", str(tmp_path / "bad")])
+
+
+# --- item 8: dbt's loss scale is the authors' ---------------------------------------------------------------
+
+
+class Exits(nn.Module):
+    """K linear exits on the same input, float64."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.num_exits = k
+        self.heads = nn.ModuleList(nn.Linear(6, 5).double() for _ in range(k))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [head(x) for head in self.heads]
+
+
+@pytest.mark.parametrize("k", [2, 4, 7])
+def test_dbt_loss_has_the_authors_global_scale(k: int) -> None:
+    """(2·5/K)·[½ Σ_k CE_k + ½ T² Σ_{k<K} KL(p_K ‖ p_k)], the loss of Phuong & Lampert's train_cifar.py
+    (global_scale = 2.0 * 5 / n_exits, C = 0.5), against a float64 reference."""
+    torch.manual_seed(k)
+    model = Exits(k)
+    x, y = torch.randn(9, 6, dtype=torch.float64), torch.randint(5, (9,))
+    config = TrainConfig(method="dbt", dbt_schedule="constant", temperature=3.0, backend="torch")
+    loss, logits = METHOD_CLASSES["dbt"](model, config, k, contextlib.nullcontext).loss(x, y)
+    t = 3.0
+    teacher = F.softmax(logits[-1].detach() / t, dim=1)
+    kl = [(teacher * (teacher.log() - F.log_softmax(z / t, dim=1))).sum(dim=1).mean() for z in logits[:-1]]
+    ce = [F.cross_entropy(z, y) for z in logits]
+    expected = 2 * 5 / k * (0.5 * sum(ce) + 0.5 * t**2 * sum(kl))
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
