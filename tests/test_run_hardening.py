@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from hdkd_fast.cli import main
 from hdkd_fast.training import METHOD_CLASSES, TrainConfig
+from hdkd_fast.training import checkpoint as checkpoint_module
 from hdkd_fast.training.checkpoint import CHECKPOINT, load_checkpoint
 from hdkd_fast.training.report import read_final, read_metrics
 
@@ -175,3 +177,167 @@ def test_dbt_loss_has_the_authors_global_scale(k: int) -> None:
     ce = [F.cross_entropy(z, y) for z in logits]
     expected = 2 * 5 / k * (0.5 * sum(ce) + 0.5 * t**2 * sum(kl))
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+
+
+# --- items 9 and 11: every check before anything is written; batches of one are refused by name ------------
+
+def test_an_unavailable_backend_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as outside the tests (conftest sets 1): Triton needs CUDA tensors
+    expect_error(capsys, ["train", *FAST, "--method", "dkd", "--backend", "triton", "--out", str(tmp_path / "run")],
+                 "backend 'triton' is not available for cpu tensors")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("args", "pieces"), [
+    (["--model", "msdnet-huge"], ["msdnet-huge"]),
+    (["--method", "erde", "--teacher", "<tmp>/nothing"], ["checkpoint", "nothing", "does not exist"]),
+    (["--method", "hdkd", "--val-size", "1"], ["validation split has 1 image", "--val-size"]),
+    (["--method", "hdkd", "--batch-size", "1"], ["batch_size must be >= 2", "got 1"]),
+    (["--method", "ce", "--batch-size", "1"], ["batch_size must be >= 2", "got 1"]),
+    (["--method", "ce", "--limit", "1"], ["training split has 1 image", "--limit"]),
+], ids=["model", "teacher", "hdkd-val-size-1", "hdkd-batch-1", "ce-batch-1", "limit-1"])
+def test_a_run_that_cannot_start_writes_nothing(args: list[str], pieces: list[str], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    args = [a.replace("<tmp>", str(tmp_path)) for a in args]
+    expect_error(capsys, ["train", *FAST, "--out", str(tmp_path / "run"), *args], *pieces)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_with_a_bad_field_leaves_no_run(ce_run: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    state = load_checkpoint(ce_run)
+    del state["num_classes"]
+    bad = write_checkpoint(tmp_path / "bad", state)
+    expect_error(capsys, ["train", *FAST, "--method", "erde", "--teacher", str(bad), "--out", str(tmp_path / "r")],
+                 "'num_classes' is missing")
+    assert not (tmp_path / "r").exists()
+
+
+def test_hdkd_validation_batches_are_never_of_one(tmp_path: Path) -> None:
+    """33 validation images and batches of 32: the partial batch (1 image, which BatchNorm cannot train on)
+    is dropped like the training split's."""
+    assert train(tmp_path / "run", "--method", "hdkd", "--val-size", "33") == 0
+
+
+# --- item 10: the run directory and its files: one line naming the path and the cause ------------------------
+
+
+def test_out_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("mine")
+    expect_error(capsys, ["train", *FAST, "--out", str(tmp_path / "file")], str(tmp_path / "file"), "is a file")
+    expect_error(capsys, ["train", *FAST, "--out", str(tmp_path / "file" / "run")],
+                 str(tmp_path / "file" / "run"), f"lies under {str(tmp_path / 'file')!r}", "is a file")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any directory")
+def test_out_in_a_directory_without_write_permission(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    expect_error(capsys, ["train", *FAST, "--out", str(locked / "run")], str(locked), "permission denied")
+
+
+def test_run_directory_that_cannot_be_created(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the kernel answers where permissions or a read-only file system forbid the directory (simulated:
+    this runs as root too, which may write anywhere)."""
+    out = tmp_path / "run"
+    real_mkdir = Path.mkdir
+
+    def refused(self: Path, *args: Any, **kwargs: Any) -> None:
+        if self == out:
+            raise PermissionError(13, "Permission denied", str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    expect_error(capsys, ["train", *FAST, "--method", "ce", "--out", str(out)],
+                 f"cannot create the run directory {str(out)!r}: Permission denied")
+
+
+needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (ENOSPC on write)")
+
+
+@needs_dev_full
+def test_full_disk_at_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """config.json is a link to /dev/full, where every write fails with ENOSPC: the disk is full."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").symlink_to("/dev/full")
+    expect_error(capsys, ["train", *FAST, "--method", "ce", "--out", str(out)],
+                 f"cannot write {str(out / 'config.json')!r}: No space left on device")
+
+
+@needs_dev_full
+def test_full_disk_at_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint's temporary file is opened on /dev/full: torch.save meets the kernel's ENOSPC."""
+    out = tmp_path / "run"
+
+    def temporary_on_a_full_disk(prefix: str, suffix: str, dir: Path) -> tuple[int, str]:
+        path = Path(dir) / f"{prefix}full{suffix}"
+        path.touch()
+        return os.open("/dev/full", os.O_WRONLY), str(path)
+
+    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", temporary_on_a_full_disk)
+    expect_error(capsys, ["train", *FAST, "--method", "ce", "--out", str(out)],
+                 f"cannot write {str(out / CHECKPOINT)!r}: No space left on device")
+    assert not (out / CHECKPOINT).exists()
+    assert not list(out.glob(".checkpoint.pt.*"))  # the temporary file is removed
+
+
+# --- item 12: --resume refuses the options it would ignore ------------------------------------------------
+
+
+def test_resume_refuses_options_it_would_ignore(ce_run: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(ce_run, run)
+    before = (run / CHECKPOINT).read_bytes()
+    expect_error(capsys, ["train", "--resume", "--epochs", "3", "--lr", "0.5", "--method", "ce", "--out", str(run)],
+                 "--resume", "takes only", "remove --lr, --method")
+    expect_error(capsys, ["train", "--resume", "--out", str(run), "--lr", "0.1"], "remove --lr")  # even the default
+    expect_error(capsys, ["train", "--resume", "--out", str(run), "--nesterov"], "remove --nesterov")
+    assert (run / CHECKPOINT).read_bytes() == before
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--no-progress", "--device", "cpu",
+                 "--workers", "0"]) == 0
+    assert load_checkpoint(run)["epoch"] == 2
+
+
+def test_resume_of_a_directory_without_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    expect_error(capsys, ["train", "--resume", "--out", str(tmp_path), "--no-progress"],
+                 str(tmp_path / CHECKPOINT), "does not exist")
+
+
+# --- item 13: a new run starts clean; the leftovers of a killed checkpoint write are removed -----------------
+
+
+def killed_during_first_checkpoint(finished: Path, run: Path) -> None:
+    """What a kill during the first checkpoint write leaves: epoch 1 in metrics.jsonl, half a temporary file,
+    no checkpoint (and here also the finished run's final.json)."""
+    shutil.copytree(finished, run)
+    data = (run / CHECKPOINT).read_bytes()
+    (run / CHECKPOINT).unlink()
+    (run / ".checkpoint.pt.k1ll3d.tmp").write_bytes(data[: len(data) // 2])
+
+
+def test_a_new_run_after_a_killed_first_checkpoint_starts_clean(ce_run: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    killed_during_first_checkpoint(ce_run, run)
+    capsys.readouterr()
+    assert main(["train", *FAST, "--method", "ce", "--epochs", "2", "--out", str(run)]) == 0
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+    assert read_final(run)["epochs"] == 2
+    assert not list(run.glob(".checkpoint.pt.*"))
+    assert "removed 1 temporary file(s) of an interrupted checkpoint write" in capsys.readouterr().out
+
+
+def test_resume_removes_leftover_temporary_files(ce_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(ce_run, run)
+    (run / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    (run / ".checkpoint.pt.old.tmp.keep").write_bytes(b"not ours")
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--no-progress"]) == 0
+    assert sorted(p.name for p in run.glob(".checkpoint.pt.*")) == [".checkpoint.pt.old.tmp.keep"]
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]

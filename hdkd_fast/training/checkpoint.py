@@ -7,10 +7,11 @@ checked field by field, so a damaged or foreign file is a ``ValueError`` naming 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +31,50 @@ _STATE_DICTS = ("model", "optimizer", "scheduler", "method")
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save`` to a temporary file in the same directory, flushed to disk, then renamed over
-    ``path``: a reader (or a crash) sees either the old file or the complete new one, never a part."""
+    ``path``: a reader (or a crash) sees either the old file or the complete new one, never a part.
+    A failed write (full disk, no permission) removes the temporary file and raises an ``OSError``
+    naming ``path`` and the cause (see :func:`writing`)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(obj, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return target
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that a killed :func:`save_atomic` of ``path`` left behind; returns them."""
+    target = Path(path)
+    stale = sorted(target.parent.glob(f"{_temporary_prefix(target)}*.tmp"))
+    for leftover in stale:
+        leftover.unlink(missing_ok=True)
+    return stale
+
+
+def _temporary_prefix(target: Path) -> str:
+    return f".{target.name}."
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str], action: str = "write") -> Iterator[None]:
+    """Re-raise a failed write (full disk, no permission, a file in the way) as one ``OSError`` whose
+    message (``strerror``) names ``path`` and the cause: ``cannot write 'run/final.json': No space left
+    on device``. ``torch.save`` reports some write failures as a ``RuntimeError``; they are included."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        message = f"cannot {action} {str(path)!r}: {cause}"
+        code = getattr(exc, "errno", None)
+        raise (OSError(message) if code is None else OSError(code, message)) from exc
 
 
 def checkpoint_file(path: str | os.PathLike[str]) -> Path:
