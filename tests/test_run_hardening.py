@@ -341,3 +341,20 @@ def test_resume_removes_leftover_temporary_files(ce_run: Path, tmp_path: Path) -
     assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--no-progress"]) == 0
     assert sorted(p.name for p in run.glob(".checkpoint.pt.*")) == [".checkpoint.pt.old.tmp.keep"]
     assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_full_disk_inside_torch_save(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a full tmpfs, torch.save's writer raises ``RuntimeError: [enforce fail at inline_container.cc:672] .
+    unexpected pos ...`` while handling the write's ``OSError(28)`` (seen on a 64 KiB tmpfs); the cause is
+    named, not the enforce message."""
+    def full_disk_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        error.__context__ = OSError(28, "No space left on device")  # as torch raises it
+        raise error
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk_save)
+    out = tmp_path / "run"
+    expect_error(capsys, ["train", *FAST, "--method", "ce", "--out", str(out)],
+                 f"cannot write {str(out / CHECKPOINT)!r}: No space left on device")
+    assert not list(out.glob(".checkpoint.pt.*"))

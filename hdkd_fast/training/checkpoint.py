@@ -67,14 +67,24 @@ def _temporary_prefix(target: Path) -> str:
 def writing(path: str | os.PathLike[str], action: str = "write") -> Iterator[None]:
     """Re-raise a failed write (full disk, no permission, a file in the way) as one ``OSError`` whose
     message (``strerror``) names ``path`` and the cause: ``cannot write 'run/final.json': No space left
-    on device``. ``torch.save`` reports some write failures as a ``RuntimeError``; they are included."""
+    on device``. ``torch.save`` reports a failed write as a ``RuntimeError`` raised while handling the
+    ``OSError`` (``[enforce fail at inline_container.cc] ... unexpected pos``); the cause is that OSError."""
     try:
         yield
     except (OSError, RuntimeError) as exc:
-        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        code, cause = _write_error(exc)
         message = f"cannot {action} {str(path)!r}: {cause}"
-        code = getattr(exc, "errno", None)
         raise (OSError(message) if code is None else OSError(code, message)) from exc
+
+
+def _write_error(exc: BaseException) -> tuple[int | None, str]:
+    """The errno and text of the first ``OSError`` in the chain of ``exc``, else ``(None, its first line)``."""
+    link: BaseException | None = exc
+    while link is not None:
+        if isinstance(link, OSError) and link.strerror:
+            return link.errno, link.strerror
+        link = link.__cause__ or link.__context__
+    return None, _first_line(exc)
 
 
 def checkpoint_file(path: str | os.PathLike[str]) -> Path:
