@@ -13,23 +13,36 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .backends import BACKENDS
 from .bilevel.hdkd import VALIDATION_OBJECTIVES
 from .bilevel.hypergrad import HYPERGRAD_MODES
 from .data.load import DATASETS, IDX_DATASETS
-from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, METHODS, SCHEDULES, TrainConfig
+from .evaluation import BUDGET_PROTOCOLS
+from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, METHODS, RESUME_FIELDS, SCHEDULES, TrainConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; bad arguments, data or files end it with one line on stderr and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    args.argv = argv[argv.index(args.command) + 1:]  # the command's own arguments
     try:
         return int(args.run(args))
-    except (ValueError, TypeError, FileNotFoundError) as exc:  # bad arguments or data: one clear line
-        print(f"hdkd-fast {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, FloatingPointError) as exc:  # arguments, data, files, divergence
+        print(f"hdkd-fast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line; an ``OSError`` as its cause and file."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror if exc.filename is None else f"{exc.filename}: {exc.strerror}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,7 +97,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=AMP_MODES, default=d.amp, help="bf16 autocast: auto = on CUDA only")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on CUDA only")
-    p.add_argument("--backend", choices=("auto", "torch", "triton", "native"), default=d.backend,
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default=d.backend,
                    help="backend of the fused dense-KD op")
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes (image folders)")
     g = p.add_argument_group("hdkd (harmonized weights)")
@@ -100,13 +113,24 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--entropy-weight", type=float, default=d.entropy_weight, help="erde: entropy-term weight")
     g.add_argument("--uncertainty-lambda", type=float, default=d.uncertainty_lambda, help="dkd-uncertainty: λ")
     g.add_argument("--gradient-equilibrium", action="store_true", help="IMTA gradient rescaling (any method)")
+    p.add_argument("--budget-protocol", choices=tuple(BUDGET_PROTOCOLS), default=d.budget_protocol,
+                   help="q sweep of final.json's budgeted evaluation: q = p/20, p = 1..40 (imta) or 1..39 (msdnet)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(run=_train)
+
+
+RESUME_OPTIONS = frozenset({"resume", "out", "device", *RESUME_FIELDS})
+"""The ``train`` options (by destination) that ``--resume`` takes; the run's other settings are stored."""
+_FLAGS = {"progress": "--no-progress"}
+"""Options whose flag is not ``--`` + their destination."""
+_UNSET = object()
 
 
 def _train(args: argparse.Namespace) -> int:
     from .training import train
 
+    if args.resume:
+        _check_resume_options(_given_options(args.argv))
     val_size = args.val_size
     if val_size is not None and val_size >= 1:
         if val_size != int(val_size):
@@ -123,6 +147,29 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
         _print_runs([run_dir])
     return 0
+
+
+def _given_options(argv: Sequence[str]) -> set[str]:
+    """The destinations of the ``train`` options given in ``argv`` (the arguments after ``train``),
+    whatever their values: ``argv`` is parsed again into a namespace that already holds every destination,
+    so that argparse fills in no defaults."""
+    parser = argparse.ArgumentParser(prog="hdkd-fast train")
+    _train_parser(parser)
+    blank = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), _UNSET))
+    return {name for name, value in vars(parser.parse_args(argv, namespace=blank)).items() if value is not _UNSET}
+
+
+def _check_resume_options(given: set[str]) -> None:
+    """``--resume`` continues the stored configuration: any other option would be ignored, so it is an error."""
+    ignored = sorted(given - RESUME_OPTIONS)
+    if ignored:
+        allowed = ", ".join(_flag(name) for name in sorted(RESUME_OPTIONS - {"resume"}))
+        raise ValueError(f"--resume continues the run with its stored settings and takes only {allowed}; "
+                         f"remove {', '.join(_flag(name) for name in ignored)}")
+
+
+def _flag(dest: str) -> str:
+    return _FLAGS.get(dest, "--" + dest.replace("_", "-"))
 
 
 # -- evaluate -------------------------------------------------------------------------------------

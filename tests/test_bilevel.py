@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from collections.abc import Iterator
 
 import float64_reference as ref
@@ -410,6 +412,83 @@ def test_weights_bad_input() -> None:
         HarmonizedWeights(3, init=hk.LossWeights(torch.ones(3), torch.ones(2, 2)))
     with pytest.raises(ValueError, match="init"):
         HarmonizedWeights(3, init=hk.LossWeights(torch.ones(3), -torch.ones(3, 3)))
+
+
+# -- non-finite hypergradients and losses (issue 17, item 2) -----------------------------------------------
+
+NAN_CASES = {"jvp": {}, "fd": {"hypergrad": "fd"}, "exact": {"hypergrad": "exact"},
+             "balanced": {"validation": "balanced"}, "reuse": {"reuse_inner_gradient": True}}
+
+
+def with_nan(t: Tensor) -> Tensor:
+    out = t.clone()
+    out[0, 0] = float("nan")
+    return out
+
+
+def plain_step(model: nn.Module, opt: torch.optim.Optimizer, w: hk.LossWeights, x: Tensor, y: Tensor) -> None:
+    """The real step by hand: zero_grad, the weighted dense-KD loss with weights ``w``, backward, step."""
+    opt.zero_grad(set_to_none=True)
+    hk.dense_kd(model(x), y, ce_weight=w.ce, kd_weight=w.kd, temperature=T, backend=BACKEND).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("case", list(NAN_CASES))
+def test_nan_in_a_validation_batch_skips_the_weight_update(case: str) -> None:
+    """One NaN in a validation batch: φ, its Adam state and the EMA stay as they were, the real step runs
+    with the weights before (exactly the hand-written step), it is counted and warned about once, and the
+    next clean steps train normally."""
+    kw = NAN_CASES[case]
+    model, opt, hdkd = make(70, sgd={"momentum": 0.9}, model_kw={"bn": True}, **kw)  # type: ignore[arg-type]
+    hdkd.step(*batches(71))  # a clean step first: Adam, momentum, BN statistics and the EMA exist
+    reference = copy.deepcopy(model)
+    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.3, momentum=0.9)
+    reference_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # not sharing the momentum buffers
+    phi, adam = hdkd.weights.phi.detach().clone(), copy.deepcopy(hdkd.weight_optimizer.state_dict())  # type: ignore[union-attr]
+    ema = None if hdkd.val_ema is None else hdkd.val_ema.clone()
+    with torch.no_grad():
+        w = hdkd.weights()
+
+    x, y, xv, yv = batches(72)
+    with pytest.warns(RuntimeWarning, match="non-finite hypergradient"):
+        stats = hdkd.step(x, y, with_nan(xv), yv)
+    assert stats["updated"] == 0.0 and stats["update_skipped"] == 1.0 and stats["step_skipped"] == 0.0
+    assert hdkd.skipped_updates == 1
+    assert torch.equal(hdkd.weights.phi, phi)
+    assert str(hdkd.weight_optimizer.state_dict()) == str(adam)  # type: ignore[union-attr]
+    assert (ema is None and hdkd.val_ema is None) or torch.equal(hdkd.val_ema, ema)  # type: ignore[arg-type]
+    plain_step(reference, reference_opt, w, x, y)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per run: a second bad batch is only counted
+        assert hdkd.step(*batches(73)[:2], with_nan(batches(73)[2]), batches(73)[3])["update_skipped"] == 1.0
+        for s in range(2):
+            stats = hdkd.step(*batches(74 + s))
+    assert stats["updated"] == 1.0 and stats["update_skipped"] == 0.0 and hdkd.skipped_updates == 2
+    assert not torch.equal(hdkd.weights.phi, phi) and bool(torch.isfinite(hdkd.weights.phi).all())
+    assert all(bool(torch.isfinite(t).all()) for t in model.state_dict().values())
+    assert hdkd.state_dict()["skipped_updates"] == 2
+
+
+@pytest.mark.parametrize("case", ["jvp", "reuse"])
+def test_nan_in_a_train_batch_does_not_step(case: str) -> None:
+    """A non-finite train loss: no step at all (parameters, momentum, BatchNorm statistics and φ unchanged)."""
+    model, opt, hdkd = make(80, sgd={"momentum": 0.9}, model_kw={"bn": True}, **NAN_CASES[case])  # type: ignore[arg-type]
+    hdkd.step(*batches(81))
+    before = copy.deepcopy((model.state_dict(), opt.state_dict(), hdkd.state_dict()))
+    x, y, xv, yv = batches(82)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        stats = hdkd.step(with_nan(x), y, xv, yv)
+    assert stats["step_skipped"] == 1.0 and stats["update_skipped"] == 1.0 and math.isnan(stats["loss"])
+    after = (model.state_dict(), opt.state_dict(), hdkd.state_dict())
+    assert str(after[1]) == str(before[1])
+    for a, b in ((after[0], before[0]), (after[2]["weights"], before[2]["weights"])):
+        assert all(torch.equal(a[k], b[k]) for k in a), case
+    assert all(p.grad is None for p in model.parameters())
+    assert hdkd.step(*batches(83))["step_skipped"] == 0.0  # the next clean batch trains
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 # -- bad input ---------------------------------------------------------------------------------------------

@@ -259,12 +259,13 @@ def test_unknown_method_is_an_argparse_error(capsys: pytest.CaptureFixture[str])
 @pytest.mark.parametrize(("args", "pieces"), [
     (["--epochs", "0"], ["epochs must be >= 1", "got 0"]),
     (["--lr", "-1"], ["lr must be finite and > 0", "got -1.0"]),
-    (["--batch-size", "0"], ["batch_size must be >= 1"]),
+    (["--batch-size", "0"], ["batch_size must be >= 2"]),
+    (["--batch-size", "1"], ["batch_size must be >= 2", "got 1"]),
     (["--val-size", "2.5"], ["--val-size", "2.5"]),
     (["--method", "erde"], ["method 'erde' needs --teacher"]),
     (["--method", "dkd", "--teacher", "somewhere"], ["--teacher is only used by method 'erde', not 'dkd'"]),
     (["--data-dir", "<tmp>/missing"], ["data_dir", "missing does not exist"]),
-    (["--resume", "--out", "<tmp>"], ["checkpoint", "checkpoint.pt' does not exist"]),
+    (["--resume", "--out", "<tmp>"], ["--resume", "takes only", "remove --batch-size, --limit"]),  # FAST's
 ])
 def test_bad_train_arguments(args: list[str], pieces: list[str], tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:

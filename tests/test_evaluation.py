@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from hdkd_fast.evaluation import (
+    BUDGET_PROTOCOLS,
     anytime_accuracy,
+    budget_q_grid,
     budgeted_accuracy,
     exit_costs,
     geometric_exit_distribution,
@@ -142,16 +145,23 @@ def test_budgeted_accuracy_by_hand() -> None:
     assert curve.q.tolist() == [1.0]
 
 
+def exact_quota(n: int, q: float, k: int, num_exits: int) -> int:
+    """⌊N·p_k⌋ in rational arithmetic, q read as the decimal it prints as (0.4 = 2/5)."""
+    ratio = Fraction(repr(q))
+    return math.floor(n * ratio ** (k + 1) / sum(ratio ** m for m in range(1, num_exits + 1)))
+
+
 def official_dynamic_eval(
-    val_score: Tensor, test_score: Tensor, test_correct: Tensor, p: Tensor, costs: Tensor
+    val_score: Tensor, test_score: Tensor, test_correct: Tensor, q: float, costs: Tensor
 ) -> tuple[float, float]:
-    """Sample-by-sample port of Tester.dynamic_eval_find_threshold / _with_threshold (MSDNet-PyTorch)."""
+    """Sample-by-sample port of Tester.dynamic_eval_find_threshold / _with_threshold (MSDNet-PyTorch), with
+    the quota ⌊N·p_k⌋ in exact arithmetic (the original's float32 p_k can round it down)."""
     m, n = val_score.shape
     order = val_score.argsort(dim=1, descending=True)
     filtered = torch.zeros(n)
     thresholds = torch.full((m,), 1e8, dtype=torch.float64)
     for k in range(m - 1):
-        count, out_n = 0, math.floor(n * float(p[k]))
+        count, out_n = 0, exact_quota(n, q, k, m)
         for i in range(n):
             idx = order[k][i]
             if filtered[idx] == 0:
@@ -184,8 +194,8 @@ def test_budgeted_accuracy_matches_the_official_loop(criterion: str) -> None:
     val_score = torch.stack([confidence(z, criterion) for z in val])  # type: ignore[arg-type]
     test_score = torch.stack([confidence(z, criterion) for z in test])  # type: ignore[arg-type]
     test_correct = test.argmax(dim=2) == test_y
-    for j, p in enumerate(geometric_exit_distribution(q, k)):
-        cost, acc = official_dynamic_eval(val_score, test_score, test_correct, p, costs)
+    for j, ratio in enumerate(q.tolist()):
+        cost, acc = official_dynamic_eval(val_score, test_score, test_correct, ratio, costs)
         assert curve.cost[j].item() == pytest.approx(cost)
         assert curve.accuracy[j].item() == pytest.approx(acc)
 
@@ -224,6 +234,44 @@ def test_fitted_thresholds_drive_early_exit() -> None:
     for thresholds, fraction in zip(curve.thresholds, curve.exit_fraction, strict=True):
         exits = EarlyExit(model, thresholds)(x).exits
         assert torch.bincount(exits, minlength=4).double().div(40).tolist() == fraction.tolist()
+
+
+@pytest.mark.parametrize("n", [203, 100, 60, 37])
+def test_budget_exit_quotas_are_exact(n: int) -> None:
+    """The number of validation samples leaving at exit k < K−1 is exactly ⌊N·p_k⌋, also where N·p_k is an
+    integer that a float64 softmax rounds below (K = 4, N = 203, q = 0.4: 125, not 124)."""
+    num_exits = 4
+    g = torch.Generator().manual_seed(n)
+    logits = torch.randn(num_exits, n, 6, generator=g, dtype=torch.float64)  # distinct confidences: no ties
+    y = torch.randint(6, (n,), generator=g)
+    q = budget_q_grid("imta").tolist()
+    curve = budgeted_accuracy(logits, y, logits, y, [1.0, 2.0, 3.0, 4.0], q=q)
+    left = (curve.exit_fraction * n).round().long()  # the thresholds applied to the same samples
+    for j, ratio in enumerate(q):
+        assert left[j, :-1].tolist() == [exact_quota(n, ratio, k, num_exits) for k in range(num_exits - 1)], ratio
+    if n == 203:
+        assert left[q.index(0.4), 0] == 125
+    exact = [[float(Fraction(repr(r)) ** k / sum(Fraction(repr(r)) ** m for m in range(1, 5))) for k in range(1, 5)]
+             for r in q]
+    torch.testing.assert_close(geometric_exit_distribution(torch.tensor(q, dtype=torch.float64), num_exits),
+                               torch.tensor(exact, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+def test_budget_protocols() -> None:
+    """Both published q grids, q = p/20: IMTA's loop p = 1 … 40 (the default) and MSDNet's p = 1 … 39."""
+    assert tuple(BUDGET_PROTOCOLS) == ("imta", "msdnet")
+    assert budget_q_grid("imta").tolist() == [p / 20 for p in range(1, 41)]
+    assert budget_q_grid("msdnet").tolist() == [p / 20 for p in range(1, 40)]
+    z, y = torch.randn(3, 30, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(30, dtype=torch.long)
+    costs = [1.0, 2.0, 3.0]
+    assert budgeted_accuracy(z, y, z, y, costs).q.tolist() == budget_q_grid("imta").tolist()
+    msdnet = budgeted_accuracy(z, y, z, y, costs, q="msdnet")
+    assert msdnet.q.tolist() == budget_q_grid("msdnet").tolist()
+    assert torch.equal(msdnet.accuracy, budgeted_accuracy(z, y, z, y, costs).accuracy[:39])
+    with pytest.raises(ValueError, match=r"q must be .*'imta', 'msdnet'"):
+        budgeted_accuracy(z, y, z, y, costs, q="official")
+    with pytest.raises(ValueError, match="protocol"):
+        budget_q_grid("official")
 
 
 def test_budgeted_accuracy_errors() -> None:

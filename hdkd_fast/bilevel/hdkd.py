@@ -8,7 +8,9 @@ validation-loss running mean (``validation="balanced"``) and a step counter; the
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
+import warnings
 from typing import Any
 
 import torch
@@ -47,6 +49,14 @@ def model_logits(output: Any, num_exits: int) -> Logits:
     return output
 
 
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite: their norms in one multi-tensor pass, one host sync
+    (a norm that overflows counts as not finite)."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm([t.detach() for t in tensors]))).all())
+
+
 def _fork_rng(x: Tensor) -> contextlib.AbstractContextManager[None]:
     """Restore the global RNG state (CPU, and ``x``'s CUDA device) on exit."""
     return torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
@@ -66,7 +76,14 @@ class HDKD:
     3. φ update with ``weight_optimizer`` (default ``Adam(lr=1e-3)``);
 
     and on every call the real step: ``optimizer.zero_grad()``, ``criterion(model(x), y, weights=w)``
-    with the current (updated) weights, ``backward()``, ``optimizer.step()``. With
+    with the current (updated) weights, ``backward()``, ``optimizer.step()``.
+
+    Non-finite values never reach φ or the model: a hypergradient (or validation loss) that is not
+    finite, e.g. from a NaN in a validation batch, skips step 3 (φ, its optimizer and the ``"balanced"``
+    running mean stay as they were; counted in :attr:`skipped_updates` and the step's
+    ``"update_skipped"``), and a real step whose loss or gradient is not finite is not taken (the
+    parameters, the optimizer state and the BatchNorm statistics stay as they were; ``"step_skipped"``).
+    Each kind is warned about once per ``HDKD`` object (a ``RuntimeWarning``). With
     ``reuse_inner_gradient=True`` an update step instead hands the gradient of step 1 (the weights
     before this update; the new ones act from the next step) to ``optimizer.step()``: one forward and
     backward fewer (for plain SGD the real step is then exactly the virtual one).
@@ -163,6 +180,9 @@ class HDKD:
         self.reuse_inner_gradient: bool = reuse_inner_gradient
         self.val_ema: Tensor | None = None
         self.calls: int = 0
+        self.skipped_updates: int = 0
+        """Weight updates skipped so far because the hypergradient was not finite."""
+        self._warned: set[str] = set()
         self.last_logits: Logits | None = None
         """The (detached) logits of the last real step's forward, e.g. for training accuracy; ``None``
         when that step reused the inner gradient (no forward of its own)."""
@@ -237,58 +257,98 @@ class HDKD:
         """One training step (bilevel weight update every ``update_every`` calls, then the real step).
 
         Returns floats: ``"loss"`` (the weighted train loss of the real step), ``"updated"`` (1.0 when φ
-        was updated), ``"lr"``, and ``"weight/<objective>"`` (the weights after the update; objectives
-        are named ``ce/k`` and ``kd/i-j``). On update steps also ``"val_loss"`` (L_val(θ')),
-        ``"val_ce/k"`` and ``"hypergrad_norm"`` (‖∂L_val/∂φ‖, averaged over ranks under DDP).
+        was updated), ``"update_skipped"`` (1.0 when a non-finite hypergradient skipped the update),
+        ``"step_skipped"`` (1.0 when a non-finite loss or gradient skipped the real step), ``"lr"``, and
+        ``"weight/<objective>"`` (the weights after the update; objectives are named ``ce/k`` and
+        ``kd/i-j``). On update steps also ``"val_loss"`` (L_val(θ')), ``"val_ce/k"`` and
+        ``"hypergrad_norm"`` (‖∂L_val/∂φ‖, averaged over ranks under DDP).
         """
         update = self.weight_optimizer is not None and self.calls % self.update_every == 0
         self.calls += 1
-        stats: dict[str, float] = {}
-        if update:
-            assert self.weight_optimizer is not None
-            if self.reuse_inner_gradient:  # the gradient pass is the real step's forward and backward
-                result, grads = self._hypergradient(x, y, x_val, y_val, real_forward=True)
-            else:  # the real step below replays the gradient pass's random numbers
-                with _fork_rng(x):
-                    result, grads = self._hypergradient(x, y, x_val, y_val)
-            val_ce = result.val_ce
-            if isinstance(self.model, DistributedDataParallel):  # φ-gradients and validation losses, one collective
-                *grads, val_ce = all_reduce_mean([*grads, val_ce], self.model.process_group)
-            if self.validation == "balanced":
-                d = self.ema_decay
-                self.val_ema = val_ce.clone() if self.val_ema is None else d * self.val_ema + (1 - d) * val_ce
-            params = list(self.weights.parameters())
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g.to(p.dtype)
-            self.weight_optimizer.step()
-            for p in params:
-                p.grad = None
-            stats["val_loss"] = float(result.val_loss)
-            stats.update({f"val_ce/{k}": v for k, v in enumerate(val_ce.tolist())})
-            stats["hypergrad_norm"] = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])))
-
-        self.optimizer.zero_grad(set_to_none=True)
-        self.last_logits = None
-        if update and self.reuse_inner_gradient:
-            named = dict(self.module.named_parameters())
-            for name, grad in result.train_grads.items():
-                named[name].grad = grad
-            loss = result.train_loss
-        else:
-            with torch.no_grad():
-                w = self.weights()
-            logits = model_logits(self.model(x), self.weights.num_exits)
-            loss = self.criterion(logits, y, weights=w)
-            loss.backward()
-            self.last_logits = logits.detach() if isinstance(logits, Tensor) else [z.detach() for z in logits]
-        self.optimizer.step()
-
+        buffers = [b.detach().clone() for b in self.module.buffers()]  # put back when the real step is skipped
+        stats: dict[str, float] = {"update_skipped": 0.0}
+        result = self._bilevel_update(x, y, x_val, y_val, stats) if update else None
+        loss = self._real_step(x, y, result if self.reuse_inner_gradient else None)
         stats["loss"] = float(loss.detach())
-        stats["updated"] = float(update)
+        gradients = [p.grad for p in self.module.parameters() if p.grad is not None]
+        stats["step_skipped"] = float(not (math.isfinite(stats["loss"]) and _all_finite(gradients)))
+        if stats["step_skipped"]:
+            self._skip_real_step(buffers)
+        else:
+            self.optimizer.step()
+
+        stats["updated"] = float(update and not stats["update_skipped"])
         stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
         names = self.weights.objective_names()
         stats.update({f"weight/{n}": v for n, v in zip(names, self.weights.vector().tolist(), strict=True)})
         return stats
+
+    def _bilevel_update(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor,
+                        stats: dict[str, float]) -> Hypergradient:
+        """Steps 1–3: the hypergradient and, when it is finite, the φ update; adds the validation stats."""
+        if self.reuse_inner_gradient:  # the gradient pass is the real step's forward and backward
+            result, grads = self._hypergradient(x, y, x_val, y_val, real_forward=True)
+        else:  # the real step replays the gradient pass's random numbers
+            with _fork_rng(x):
+                result, grads = self._hypergradient(x, y, x_val, y_val)
+        val_ce = result.val_ce
+        if isinstance(self.model, DistributedDataParallel):  # φ-gradients and validation losses, one collective
+            *grads, val_ce = all_reduce_mean([*grads, val_ce], self.model.process_group)
+        if _all_finite([*grads, val_ce]):  # the same decision on every rank: the values are all-reduced
+            self._update_weights(grads, val_ce)
+        else:
+            stats["update_skipped"] = 1.0
+            self.skipped_updates += 1
+            self._warn_once("update", "HDKD: a non-finite hypergradient or validation loss (e.g. a NaN in a "
+                            "validation batch); the weight update was skipped (counted in skipped_updates)")
+        stats["val_loss"] = float(result.val_loss)
+        stats.update({f"val_ce/{k}": v for k, v in enumerate(val_ce.tolist())})
+        stats["hypergrad_norm"] = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])))
+        return result
+
+    def _real_step(self, x: Tensor, y: Tensor, reused: Hypergradient | None) -> Tensor:
+        """The real step's loss, its gradient in the parameters' ``.grad``: from the gradient pass of
+        ``reused``, or by its own forward and backward with the current weights."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_logits = None
+        if reused is not None:
+            named = dict(self.module.named_parameters())
+            for name, grad in reused.train_grads.items():
+                named[name].grad = grad
+            return reused.train_loss
+        with torch.no_grad():
+            w = self.weights()
+        logits = model_logits(self.model(x), self.weights.num_exits)
+        loss = self.criterion(logits, y, weights=w)
+        loss.backward()
+        self.last_logits = logits.detach() if isinstance(logits, Tensor) else [z.detach() for z in logits]
+        return loss
+
+    def _update_weights(self, grads: list[Tensor], val_ce: Tensor) -> None:
+        """Step 3: φ ← weight_optimizer step with ``grads``; the ``"balanced"`` running mean takes ``val_ce``."""
+        assert self.weight_optimizer is not None
+        if self.validation == "balanced":
+            d = self.ema_decay
+            self.val_ema = val_ce.clone() if self.val_ema is None else d * self.val_ema + (1 - d) * val_ce
+        params = list(self.weights.parameters())
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.to(p.dtype)
+        self.weight_optimizer.step()
+        for p in params:
+            p.grad = None
+
+    def _skip_real_step(self, buffers: list[Tensor]) -> None:
+        """Drop the gradients of a non-finite real step and put the buffers (BatchNorm statistics) back."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(self.module.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+        self._warn_once("step", "HDKD: a non-finite training loss or gradient; the model's step was skipped")
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
         """The whole training state: model (unwrapped), optimizer, weights, weight optimizer, the
@@ -300,6 +360,7 @@ class HDKD:
             "weight_optimizer": None if self.weight_optimizer is None else self.weight_optimizer.state_dict(),
             "val_ema": None if self.val_ema is None else self.val_ema.clone(),
             "calls": self.calls,
+            "skipped_updates": self.skipped_updates,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -319,3 +380,4 @@ class HDKD:
         ema = state["val_ema"]
         self.val_ema = None if ema is None else ema.clone()
         self.calls = int(state["calls"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))  # absent from states saved before it existed

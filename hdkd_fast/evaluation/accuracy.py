@@ -6,18 +6,25 @@ classification"; ``adaptive_inference.py`` of the authors' code). For a geometri
 ``p_k`` of the validation samples leaves at exit k: going through the exits in order, ``τ_k`` is the
 confidence of the ``⌊N·p_k⌋``-th most confident validation sample that has not left yet (``τ_k = +∞``,
 nobody leaves, when that count is 0 or more than the samples left), and a sample leaves at its first
-exit with ``confidence ≥ τ_k``; the last exit takes everyone left. The thresholds are then applied to
-the test outputs, giving one point (average cost, accuracy) per q:
+exit with ``confidence ≥ τ_k``; the last exit takes everyone left. ``⌊N·p_k⌋`` is computed exactly, in
+rational arithmetic with q read as the decimal it prints as (0.4 = 2/5): a floating-point ``p_k`` can
+land just below an integer ``N·p_k`` (K = 4, N = 203, q = 0.4: 124.99999999999999) and lose a sample.
+The thresholds are then applied to the test outputs, giving one point (average cost, accuracy) per q:
 
     cost(q) = mean_i c_{k(i)},    accuracy(q) = mean_i [argmax z_{k(i)}(x_i) = y_i]
 
 with ``k(i)`` the exit sample i takes and ``c_k`` the cumulative cost of reaching exit k.
+
+The published sweeps (:data:`BUDGET_PROTOCOLS`) are q = p/20 for p = 1 … 40 (``"imta"``: the loop of
+IMTA's ``adaptive_inference.py``, Li et al., ICCV 2019; the default) and p = 1 … 39 (``"msdnet"``: the
+loop of MSDNet's own ``adaptive_inference.py``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
@@ -25,6 +32,13 @@ from torch import Tensor
 
 from ..inference import Criterion, check_criterion, confidence, signed_threshold
 from ._inputs import LogitsArg, exit_logits, labels, per_exit_values
+
+BUDGET_PROTOCOLS: dict[str, int] = {"imta": 40, "msdnet": 39}
+"""The published q sweeps of the budgeted evaluation, by name: q = p/20 for p = 1 … the value. ``"imta"``
+(IMTA's loop, up to q = 2.0) is the default; ``"msdnet"`` is MSDNet's own loop (up to q = 1.95)."""
+DEFAULT_BUDGET_PROTOCOL = "imta"
+Q_STEP = Fraction(1, 20)
+"""Both protocols step q by 1/20."""
 
 
 class AnytimeAccuracy(NamedTuple):
@@ -68,7 +82,7 @@ def budgeted_accuracy(
     costs: Sequence[float] | Tensor,
     criterion: Criterion = "maxprob",
     *,
-    q: Sequence[float] | Tensor | None = None,
+    q: Sequence[float] | Tensor | str | None = None,
 ) -> BudgetCurve:
     """MSDNet's dynamic evaluation: (average cost, test accuracy) for a sweep of exit distributions.
 
@@ -81,7 +95,8 @@ def budgeted_accuracy(
             list of K ``Tensor[N, C]`` (the two splits may differ in N).
         costs: K cumulative costs ``c_k`` of reaching exit k, e.g. :func:`exit_costs`.
         criterion: ``"maxprob"`` (the paper) or ``"entropy"`` (see :mod:`hdkd_fast.inference`).
-        q: the geometric ratios; default ``0.05, 0.10, …, 2.00`` (the official ``p / 20``, p = 1 … 40).
+        q: the geometric ratios, or the name of a published sweep (:data:`BUDGET_PROTOCOLS`): ``"imta"``
+            (the default, ``0.05, 0.10, …, 2.00``) or ``"msdnet"`` (``0.05, …, 1.95``).
 
     Returns:
         a :class:`BudgetCurve`; its points are in the order of ``q`` (cost grows with q).
@@ -101,10 +116,12 @@ def budgeted_accuracy(
     device = val[0].device
     cost = per_exit_values(costs, "costs", num_exits).to(device)
     criterion = check_criterion(criterion)
-    ratios = _check_q(q).to(device)
+    exact = _check_q(q)
+    ratios = torch.tensor([float(r) for r in exact], dtype=torch.float64, device=device)
 
     val_score = torch.stack([confidence(z, criterion) for z in val])  # [K, N_val]
-    bounds = _fit_bounds(val_score, geometric_exit_distribution(ratios, num_exits))  # [P, K]
+    quota = exit_quotas(exact, num_exits, val_score.shape[1]).to(device)
+    bounds = _fit_bounds(val_score, quota)  # [P, K]
     test_exit = _exit_index(torch.stack([confidence(z, criterion) for z in test]), bounds)  # [P, N_test]
     val_exit = _exit_index(val_score, bounds)
 
@@ -128,13 +145,33 @@ def geometric_exit_distribution(q: Tensor, num_exits: int) -> Tensor:
     return torch.softmax(log_w, dim=1)
 
 
-def _fit_bounds(score: Tensor, fraction: Tensor) -> Tensor:
-    """Confidence bounds ``[P, K]`` (score ≥ bound exits) that send ``⌊N·p_k⌋`` samples to exit k < K−1.
+def budget_q_grid(protocol: str = DEFAULT_BUDGET_PROTOCOL) -> Tensor:
+    """The q values of a published sweep (:data:`BUDGET_PROTOCOLS`), float64."""
+    return torch.tensor([float(r) for r in _protocol_ratios(protocol)], dtype=torch.float64)
 
-    ``score`` is ``[K, N]`` (larger = more confident), ``fraction`` the exit distributions ``[P, K]``.
+
+def _protocol_ratios(protocol: str) -> list[Fraction]:
+    if protocol not in BUDGET_PROTOCOLS:
+        raise ValueError(f"budget protocol must be one of {tuple(BUDGET_PROTOCOLS)}; got {protocol!r}")
+    return [p * Q_STEP for p in range(1, BUDGET_PROTOCOLS[protocol] + 1)]
+
+
+def exit_quotas(q: Sequence[Fraction], num_exits: int, n: int) -> Tensor:
+    """``⌊n·p_k⌋`` for ``p_k = q^{k+1} / Σ_{m=1}^{K} q^m``, k = 0 … K−1, exactly: int64 ``[len(q), K]``."""
+    rows = []
+    for ratio in q:
+        powers = [ratio**m for m in range(1, num_exits + 1)]
+        total = sum(powers)
+        rows.append([math.floor(n * power / total) for power in powers])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _fit_bounds(score: Tensor, quota: Tensor) -> Tensor:
+    """Confidence bounds ``[P, K]`` (score ≥ bound exits) that send ``quota[:, k]`` samples to exit k < K−1.
+
+    ``score`` is ``[K, N]`` (larger = more confident), ``quota`` the sample counts ``[P, K]`` (int64).
     """
-    (num_exits, n), p = score.shape, fraction.shape[0]
-    quota = torch.floor(n * fraction).long()  # [P, K]
+    (num_exits, n), p = score.shape, quota.shape[0]
     bounds = torch.full((p, num_exits), math.inf, dtype=score.dtype, device=score.device)
     bounds[:, -1] = -math.inf
     left = torch.zeros(p, n, dtype=torch.bool, device=score.device)  # samples that have already exited
@@ -154,15 +191,21 @@ def _exit_index(score: Tensor, bounds: Tensor) -> Tensor:
     return passes.argmax(dim=1)  # argmax returns the first maximum
 
 
-def _check_q(q: Sequence[float] | Tensor | None) -> Tensor:
+def _check_q(q: Sequence[float] | Tensor | str | None) -> list[Fraction]:
+    """The ratios as exact fractions: a protocol's ``p/20``, or each number read as the decimal it prints as."""
     if q is None:
-        return torch.arange(1, 41, dtype=torch.float64) / 20
+        return _protocol_ratios(DEFAULT_BUDGET_PROTOCOL)
+    if isinstance(q, str):
+        if q not in BUDGET_PROTOCOLS:
+            raise ValueError(f"q must be positive ratios or one of {tuple(BUDGET_PROTOCOLS)}; got {q!r}")
+        return _protocol_ratios(q)
     if isinstance(q, Tensor):
         values = q.detach().to("cpu", torch.float64).reshape(-1)
-    elif isinstance(q, Sequence) and not isinstance(q, (str, bytes)):
+    elif isinstance(q, Sequence) and not isinstance(q, bytes):
         values = torch.tensor([float(v) for v in q], dtype=torch.float64)
     else:
-        raise TypeError(f"q must be a sequence of positive numbers or a tensor; got {type(q).__name__}")
+        raise TypeError(f"q must be a sequence of positive numbers, a tensor or a protocol name; "
+                        f"got {type(q).__name__}")
     if values.numel() < 1 or not bool((torch.isfinite(values) & (values > 0)).all()):
         raise ValueError(f"q must hold at least one finite, positive ratio; got {values.tolist()}")
-    return values
+    return [Fraction(repr(v)) for v in values.tolist()]

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._validation import check_count, check_nonnegative, check_positive
+from ..backends import BACKENDS
 from ..bilevel.hdkd import VALIDATION_OBJECTIVES
 from ..bilevel.hypergrad import HYPERGRAD_MODES
 from ..data.load import IDX_DATASETS
+from ..evaluation import BUDGET_PROTOCOLS, DEFAULT_BUDGET_PROTOCOL
 from ..models.base import check_choice
 
 METHODS = ("ce", "dbt", "dkd", "hdkd", "ekd", "erde", "dkd-uncertainty")
@@ -24,6 +26,10 @@ SCHEDULES = ("multistep", "cosine")
 AMP_MODES = ("auto", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 DBT_SCHEDULES = ("adaptive", "constant")
+
+RESUME_FIELDS = ("epochs", "progress", "workers")
+"""The settings ``train(config, resume=True)`` takes from ``config`` (besides ``out``, and ``device``, where
+the run continues); every other one comes from the checkpoint."""
 
 PAPER_EPOCHS = 300
 """MSDNet / HDKD CIFAR recipe: 300 epochs, batch 64, SGD lr 0.1 (÷10 at 50 % and 75 %), momentum 0.9,
@@ -80,6 +86,7 @@ class TrainConfig:
     uncertainty_lambda: float = 1.0
     # any method
     gradient_equilibrium: bool = False
+    budget_protocol: str = DEFAULT_BUDGET_PROTOCOL
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -105,8 +112,10 @@ class TrainConfig:
         check_choice(self.hypergrad, "hypergrad", HYPERGRAD_MODES)
         check_choice(self.validation, "validation", VALIDATION_OBJECTIVES)
         check_choice(self.dbt_schedule, "dbt_schedule", DBT_SCHEDULES)
-        for name in ("batch_size", "update_every"):
-            check_count(getattr(self, name), name)
+        check_choice(self.budget_protocol, "budget_protocol", tuple(BUDGET_PROTOCOLS))
+        check_choice(self.backend, "backend", ("auto", *BACKENDS))
+        check_count(self.batch_size, "batch_size", minimum=2)  # BatchNorm trains on two samples or more
+        check_count(self.update_every, "update_every")
         for name in ("epochs", "limit"):
             if getattr(self, name) is not None:
                 check_count(getattr(self, name), name)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import Augment, EpochLoader, ImageDataset
-from ..evaluation import anytime_accuracy, budgeted_accuracy, exit_costs
+from ..evaluation import DEFAULT_BUDGET_PROTOCOL, anytime_accuracy, budgeted_accuracy, exit_costs
 from ..inference import Criterion
 from ..models.base import MultiExitModule, eval_mode
 
@@ -50,20 +50,22 @@ def split_metrics(logits: list[Tensor], y: Tensor) -> dict[str, Any]:
 
 
 def final_summary(model: MultiExitModule, val: tuple[list[Tensor], Tensor], test: tuple[list[Tensor], Tensor],
-                  input_shape: tuple[int, ...], criterion: Criterion = "maxprob") -> dict[str, Any]:
+                  input_shape: tuple[int, ...], criterion: Criterion = "maxprob",
+                  protocol: str = DEFAULT_BUDGET_PROTOCOL) -> dict[str, Any]:
     """What ``final.json`` holds besides the run's identity: per-exit test accuracy, cumulative FLOPs per
     exit (one sample), and MSDNet's budgeted evaluation (thresholds fit on the validation split) with the
-    exit ``criterion`` (``"maxprob"``, or ``"entropy"`` for ERDE-trained models)."""
+    exit ``criterion`` (``"maxprob"``, or ``"entropy"`` for ERDE-trained models) over the q sweep of
+    ``protocol`` (a name of :data:`~hdkd_fast.evaluation.BUDGET_PROTOCOLS`)."""
     test_logits, test_y = test
     costs = exit_costs(model, (1, *input_shape))
     acc = anytime_accuracy(test_logits, test_y)
-    curve = budgeted_accuracy(val[0], val[1], test_logits, test_y, costs, criterion)
+    curve = budgeted_accuracy(val[0], val[1], test_logits, test_y, costs, criterion, q=protocol)
     return {
         "test/top1": acc.top1.tolist(),
         "test/top5": acc.top5.tolist(),
         "test/loss": split_metrics(test_logits, test_y)["loss"],
         "exit_costs": costs.tolist(),
         "budget": {"cost": curve.cost.tolist(), "accuracy": curve.accuracy.tolist(), "q": curve.q.tolist(),
-                   "criterion": criterion},
+                   "criterion": criterion, "protocol": protocol},
         "num_test": int(test_y.numel()),
     }

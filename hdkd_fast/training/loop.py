@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,13 +29,24 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .._validation import Logits
+from ..backends import resolve_backend
 from ..data import Augment, DataBundle, EpochLoader, load_dataset
 from ..distill import GradientEquilibrium
 from ..models.base import MultiExitModule
 from ..models.zoo import build_model
 from . import distributed as dist_utils
-from .checkpoint import CHECKPOINT, CHECKPOINT_VERSION, load_checkpoint, rng_state, save_atomic, set_rng_state
-from .config import TrainConfig
+from .checkpoint import (
+    CHECKPOINT,
+    CHECKPOINT_VERSION,
+    load_checkpoint,
+    remove_stale_temporaries,
+    restore_field,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    writing,
+)
+from .config import RESUME_FIELDS, TrainConfig
 from .evaluate import collect_logits, final_summary, split_metrics
 from .methods import METHOD_CLASSES, Batch, TrainMethod, cycle
 from .report import FINAL_FILE as FINAL
@@ -49,7 +61,10 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
     """Train one run as ``config`` says; returns the run directory.
 
     With ``resume=True`` the run in ``config.out`` continues from its checkpoint with the stored
-    configuration (only ``epochs``, ``progress`` and ``workers`` of ``config`` are taken, to extend a run).
+    configuration (only the :data:`RESUME_FIELDS` of ``config`` are taken, to extend a run).
+
+    Every setting, the backend, ``out``, the data and the checkpoint are checked before anything is written.
+    A failed write (full disk, no permission) is an ``OSError`` whose message names the file.
     """
     ctx = dist_utils.setup(config.device)
     try:
@@ -61,26 +76,20 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
 def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Callable[[str], None]) -> Path:
     state: dict[str, Any] | None = None
     if resume:
-        if not config.out:
-            raise ValueError("resume needs the run directory (--out)")
-        state = load_checkpoint(config.out)
-        stored = TrainConfig.from_json(state["config"])
-        epochs = stored.epochs if config.epochs is None else config.epochs
-        config = dataclasses.replace(stored, epochs=epochs, progress=config.progress, workers=config.workers,
-                                     out=config.out)
-        if config.epochs is not None and config.epochs < int(state["epoch"]):
-            raise ValueError(f"--epochs {config.epochs} is below the {state['epoch']} epochs the checkpoint in "
-                             f"{config.out!r} has already trained")
+        config, state = _resumed(config)
+    # Every check comes before anything is written: a run that cannot start leaves no trace.
     config.validate()
+    _check_backend(config.backend, ctx.device)
+    if config.out:
+        _check_out_dir(Path(config.out))  # before the data is read
     data = _run_data(config)
     config = dataclasses.replace(config, dataset=data.name).resolved().validate()
+    _check_split_sizes(config, data, ctx.world_size)
     run_dir = Path(config.out or f"runs/{data.name}-{config.model}-{config.method}")
+    _check_out_dir(run_dir)
     if state is None and (run_dir / CHECKPOINT).exists():
         raise ValueError(f"out directory {str(run_dir)!r} already holds a run; pass --resume to continue it "
                          "or choose another --out")
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG).write_text(json.dumps(config.to_json(), indent=2) + "\n")
 
     torch.manual_seed(config.seed)
     device = ctx.device
@@ -101,17 +110,21 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
     augment = Augment(data.mean, data.std, crop_padding=data.crop_padding, flip=data.flip)
     normalize = Augment(data.mean, data.std, train=False)
     generator = torch.Generator().manual_seed(config.seed * 1000 + ctx.rank)
+    # Full batches (BatchNorm needs two samples or more) unless a split is smaller than one batch per rank.
     loader = EpochLoader(data.train, config.batch_size, shuffle=True, seed=config.seed, rank=ctx.rank,
                          world_size=ctx.world_size, drop_last=len(data.train) >= config.batch_size * ctx.world_size,
                          num_workers=config.workers)
     val_loader = EpochLoader(data.val, config.batch_size, shuffle=True, seed=config.seed + 1, rank=ctx.rank,
-                             world_size=ctx.world_size, num_workers=config.workers)
+                             world_size=ctx.world_size, drop_last=len(data.val) >= config.batch_size * ctx.world_size,
+                             num_workers=config.workers)
 
     start_epoch, step, elapsed = 0, 0, 0.0
     if state is not None:
-        start_epoch, step, elapsed = _restore(state, model, optimizer, scheduler, method, generator, ctx)
+        start_epoch, step, elapsed = _restore(state, run_dir, model, optimizer, scheduler, method, generator, ctx)
         _follow_run_length(scheduler, config)
-        if ctx.is_main:
+    if ctx.is_main:
+        _prepare_run_dir(run_dir, config, fresh=state is None, log=log)
+        if state is not None:
             _truncate_metrics(run_dir / METRICS, start_epoch)
             log(f"resuming {run_dir} after epoch {start_epoch}")
     writer = _tensorboard(run_dir) if ctx.is_main else None
@@ -182,6 +195,73 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
     return run_dir
 
 
+def _resumed(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
+    """The stored configuration of the run in ``config.out`` with the :data:`RESUME_FIELDS` of ``config``
+    (``epochs`` only when given), and its checkpoint."""
+    if not config.out:
+        raise ValueError("resume needs the run directory (--out)")
+    state = load_checkpoint(config.out)
+    stored = TrainConfig.from_json(state["config"])
+    taken = {name: getattr(config, name) for name in RESUME_FIELDS if getattr(config, name) is not None}
+    config = dataclasses.replace(stored, out=config.out, **taken)
+    if config.epochs is not None and config.epochs < int(state["epoch"]):
+        raise ValueError(f"--epochs {config.epochs} is below the {state['epoch']} epochs the checkpoint in "
+                         f"{config.out!r} has already trained")
+    return config, state
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    """Raise a ``ValueError`` (one line) when the fused op's ``backend`` cannot run on ``device``."""
+    try:
+        resolve_backend(backend, device)
+    except RuntimeError as exc:  # names the backend, why it cannot run and those that can
+        raise ValueError(str(exc)) from exc
+
+
+def _check_out_dir(path: Path) -> None:
+    """Raise a ``ValueError`` naming ``path`` when it cannot be a run directory: it is a file, it lies
+    under a file, or its nearest existing parent directory is not writable."""
+    for existing in (path, *path.parents):
+        if not existing.exists():
+            continue
+        if not existing.is_dir():
+            where = "" if existing == path else f" lies under {str(existing)!r}, which"
+            raise ValueError(f"--out {str(path)!r}{where} is a file, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {str(path)!r}: cannot write in {str(existing)!r} (permission denied)")
+        return
+
+
+def _check_split_sizes(config: TrainConfig, data: DataBundle, world_size: int) -> None:
+    """Every batch a step trains on must hold two images or more (BatchNorm in training mode needs them):
+    the training split's, and ``hdkd``'s validation batches."""
+    splits = [("training", len(data.train), "--limit")]
+    if config.method == "hdkd":
+        splits.append(("validation", len(data.val), "--val-size, --limit"))
+    for name, size, options in splits:
+        smallest = min(config.batch_size, math.ceil(size / world_size))
+        if smallest < 2:
+            raise ValueError(f"the {name} split has {size} image(s) for {world_size} process(es): method "
+                             f"{config.method!r} needs batches of 2 or more per process (BatchNorm); "
+                             f"use more images ({options})")
+
+
+def _prepare_run_dir(run_dir: Path, config: TrainConfig, *, fresh: bool, log: Callable[[str], None]) -> None:
+    """Create the run directory, delete what a killed checkpoint write left behind and, for a new run, the
+    logs of an earlier start that never wrote a checkpoint; then write ``config.json``."""
+    with writing(run_dir, "create the run directory"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with writing(run_dir, "clean up the run directory"):
+        stale = remove_stale_temporaries(run_dir / CHECKPOINT)
+        if fresh:
+            for name in (METRICS, FINAL):
+                (run_dir / name).unlink(missing_ok=True)
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) of an interrupted checkpoint write in {run_dir}")
+    with writing(run_dir / CONFIG):
+        (run_dir / CONFIG).write_text(json.dumps(config.to_json(), indent=2) + "\n")
+
+
 def evaluate_run(run_dir: str | Path, *, device: str = "auto", log: Callable[[str], None] = print) -> Path:
     """Write ``final.json`` (and the plots) of a run from its last checkpoint, e.g. one that was stopped."""
     state = load_checkpoint(run_dir)
@@ -191,7 +271,7 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", log: Callable[[st
         raise ValueError("evaluate runs in one process; do not start it with torchrun")
     data = _run_data(config)
     base, model, channels_last = _network(config, data, ctx.device)
-    model.load_state_dict(state["model"])
+    restore_field(run_dir, "model", model.load_state_dict, state["model"])
     _finish(Path(run_dir), config, base, model, data, float(state["time_s"]), ctx.device,
             _autocast(config.amp, ctx.device), channels_last, log)
     return Path(run_dir)
@@ -210,9 +290,12 @@ def _finish(run_dir: Path, config: TrainConfig, base: MultiExitModule, model: nn
     summary = {"method": config.method, "dataset": data.name, "model": config.model,
                "num_exits": base.num_exits, "epochs": config.epochs, "train_time_s": elapsed,
                **final_summary(base, val_out, test_out, data.input_shape,
-                               criterion="entropy" if config.method == "erde" else "maxprob")}
-    (run_dir / FINAL).write_text(json.dumps(summary, indent=2) + "\n")
-    _write_plots(run_dir, log)
+                               criterion="entropy" if config.method == "erde" else "maxprob",
+                               protocol=config.budget_protocol)}
+    with writing(run_dir / FINAL):
+        (run_dir / FINAL).write_text(json.dumps(summary, indent=2) + "\n")
+    with writing(run_dir, "write the plots in"):
+        _write_plots(run_dir, log)
 
 
 def _method(config: TrainConfig, model: nn.Module, num_exits: int, num_classes: int,
@@ -236,7 +319,7 @@ def load_teacher(path: str, num_classes: int, input_shape: tuple[int, ...] | Non
     if cfg.gradient_equilibrium:  # the GradientEquilibrium wrapper holds the network as .model
         weights = {k.removeprefix("model."): v for k, v in weights.items()}
     teacher = build_model(cfg.model or "", num_classes, tuple(state["input_shape"]))
-    teacher.load_state_dict(weights)
+    restore_field(path, "model", teacher.load_state_dict, weights)
     return teacher.eval().requires_grad_(False)
 
 
@@ -319,18 +402,17 @@ def _add_batch_totals(totals: Tensor, loss: float, logits: Logits | None, y: Ten
         totals[2:] += torch.stack([(z.argmax(dim=1) == y).sum() for z in logits]).to(totals.dtype)
 
 
-def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+def _restore(state: dict[str, Any], run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LRScheduler, method: TrainMethod, generator: torch.Generator,
              ctx: dist_utils.Context) -> tuple[int, int, float]:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    method.load_state_dict(state["method"])
+    """Load the checkpoint ``state`` of ``run_dir`` into the run's objects; returns (epoch, step, time)."""
     rngs = state["rng"]
     if len(rngs) != ctx.world_size:
         raise ValueError(f"the checkpoint was written by {len(rngs)} processes; resume it with as many "
                          f"(this run has {ctx.world_size})")
-    set_rng_state(rngs[ctx.rank], generator)
+    for field, target in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("method", method)):
+        restore_field(run_dir, field, target.load_state_dict, state[field])
+    restore_field(run_dir, "rng", lambda rng: set_rng_state(rng, generator), rngs[ctx.rank])
     return int(state["epoch"]), int(state["step"]), float(state["time_s"])
 
 
@@ -340,7 +422,8 @@ def _truncate_metrics(path: Path, epochs: int) -> None:
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in lines if (epoch := _record_epoch(line)) is not None and epoch <= epochs]
-    path.write_text("".join(line + "\n" for line in kept))
+    with writing(path):
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _record_epoch(line: str) -> int | None:
@@ -352,7 +435,7 @@ def _record_epoch(line: str) -> int | None:
 
 
 def _append_metrics(path: Path, record: dict[str, Any], writer: Any) -> None:
-    with path.open("a") as fh:
+    with writing(path), path.open("a") as fh:
         fh.write(json.dumps(record) + "\n")
     if writer is None:
         return

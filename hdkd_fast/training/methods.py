@@ -1,7 +1,8 @@
 """The training methods of ``hdkd-fast train --method``: how one batch updates the model.
 
 - ``ce``: Σ_k CE_k (MSDNet); no learned weights.
-- ``dbt``: ½ Σ_k CE_k + ½ Σ_{k<K-1} T² KL(p_K ‖ p_k), T adapted to the teacher (Phuong & Lampert 2019).
+- ``dbt``: (10/K)·[½ Σ_k CE_k + ½ Σ_{k<K-1} T² KL(p_K ‖ p_k)], T adapted to the teacher (Phuong & Lampert
+  2019; 10/K is the global scale of the authors' code).
 - ``dkd``: Σ_k CE_k + Σ_{i<j} T² KL(p_j ‖ p_i) (dense pairs, uniform weights).
 - ``hdkd``: the same objectives weighted by :class:`~hdkd_fast.HarmonizedWeights`, learned by the bilevel
   step of :class:`~hdkd_fast.HDKD` on the validation split.
@@ -144,7 +145,10 @@ class DenseDistillation(TrainMethod):
 
 class DistillationBasedTraining(TrainMethod):
     """``dbt`` (Phuong & Lampert, ICCV 2019): the final exit teaches every earlier exit,
-    ``(1 − C) Σ_k CE_k + C T² Σ_{k<K-1} KL(p_K ‖ p_k)`` with C = 0.5 as in the paper.
+    ``s · [(1 − C) Σ_k CE_k + C T² Σ_{k<K-1} KL(p_K ‖ p_k)]`` with C = 0.5 and the global scale
+    s = 2·5/K of the authors' code (``global_scale = 2.0 * 5 / n_exits`` in their ``train_cifar.py``; it
+    keeps the step size of their 5-exit setting for any K). Their distillation term is the
+    cross-entropy to the teacher, which differs from the KL by the teacher's entropy: the same gradient.
 
     With ``dbt_schedule="adaptive"`` (the paper's) the temperature starts at 1 and grows by 5 % after every
     step whose softened teacher is too confident (:class:`hdkd_fast.distill.DBTTemperature`);
@@ -154,13 +158,16 @@ class DistillationBasedTraining(TrainMethod):
     name = "dbt"
     criterion: DenseKD
     mix: ClassVar[float] = 0.5
+    scale_exits: ClassVar[float] = 2 * 5
+    """The loss is multiplied by ``scale_exits / K`` (the authors' ``global_scale``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         adaptive = self.config.dbt_schedule == "adaptive"
         self.schedule = DBTTemperature() if adaptive else None
+        scale = self.scale_exits / self.num_exits
         self.criterion = DenseKD(self.num_exits, temperature=1.0 if adaptive else self.config.temperature,
-                                 ce_weight=1.0 - self.mix, kd_weight=self.mix, pairs="last",
+                                 ce_weight=(1.0 - self.mix) * scale, kd_weight=self.mix * scale, pairs="last",
                                  backend=self.config.backend)
 
     def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Logits]:
@@ -218,7 +225,8 @@ class HarmonizedDenseDistillation(TrainMethod):
         assert self.hdkd is not None
         with torch.no_grad():
             w = self.hdkd.weights()
-        return {"temperature": self.criterion.temperature, "weights/ce": w.ce.tolist(), "weights/kd": w.kd.tolist()}
+        return {"temperature": self.criterion.temperature, "weights/ce": w.ce.tolist(), "weights/kd": w.kd.tolist(),
+                "skipped_updates": self.hdkd.skipped_updates}
 
     def state_dict(self) -> dict[str, Any]:
         assert self.hdkd is not None
