@@ -49,9 +49,11 @@ class OpSpec(NamedTuple):
 
 
 def _weighted_sum(weight: Tensor, values: Tensor) -> Tensor:
-    """``sum(weight * values)``; per-objective weights broadcast over a trailing row axis."""
+    """``sum(weight * values)``; per-objective weights broadcast over a trailing row axis. A zero weight
+    drops its objective, even an infinite one (a KL of a class masked in the student only)."""
     w = weight.to(values.dtype)
-    return (w.reshape(w.shape + (1,) * (values.dim() - w.dim())) * values).sum()
+    w = w.reshape(w.shape + (1,) * (values.dim() - w.dim()))
+    return torch.where(w != 0, w * values, 0.0).sum()
 
 
 def _combine(g_loss: Tensor | None, weight: Tensor | None, g: Tensor | None, rows: bool) -> Tensor | None:
