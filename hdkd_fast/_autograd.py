@@ -49,11 +49,9 @@ class OpSpec(NamedTuple):
 
 
 def _weighted_sum(weight: Tensor, values: Tensor) -> Tensor:
-    """``sum(weight * values)``; per-objective weights broadcast over a trailing row axis. A zero weight
-    drops its objective, even an infinite one (a KL of a class masked in the student only)."""
+    """``sum(weight * values)``; per-objective weights broadcast over a trailing row axis."""
     w = weight.to(values.dtype)
-    w = w.reshape(w.shape + (1,) * (values.dim() - w.dim()))
-    return torch.where(w != 0, w * values, 0.0).sum()
+    return (w.reshape(w.shape + (1,) * (values.dim() - w.dim())) * values).sum()
 
 
 def _combine(g_loss: Tensor | None, weight: Tensor | None, g: Tensor | None, rows: bool) -> Tensor | None:

@@ -61,10 +61,11 @@ def dense_kd_losses(
     :math:`0 \cdot \log 0 = 0` in every backend: a class of probability 0 in the teacher adds nothing
     to the KL (nor to its gradient or JVP) and gets gradient 0; a class that is ``-inf`` in the student
     where the teacher gives it probability > 0 makes that KL ``+inf``, and a row whose label class is
-    ``-inf`` has CE ``+inf`` (true values; the gradient of an infinite objective is not defined, but a
-    zero weight on it leaves every other gradient finite). A row in which *every* class of an exit is
-    ``-inf`` has no softmax: the objectives involving that exit are NaN, as with ``torch.log_softmax``.
-    Logits that are ``+inf`` or NaN give NaN.
+    ``-inf`` has CE ``+inf`` (true values; its gradient stays softmax − onehot). An infinite KL has no
+    gradient, but a zero weight on it (a backward cotangent, or ``kd_weight`` in :func:`dense_kd`,
+    whose loss value is then 0 · inf = NaN) leaves every gradient finite. A row in which *every* class
+    of an exit is ``-inf`` has no softmax: the objectives involving that exit are NaN, as with
+    ``torch.log_softmax``. Logits that are ``+inf`` or NaN give NaN.
 
     Args:
         logits: ``Tensor[K, B, C]`` or a sequence of K ``Tensor[B, C]`` (float16/bfloat16/float32
