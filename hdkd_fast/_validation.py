@@ -15,6 +15,11 @@ Logits = Tensor | Sequence[Tensor]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
+TEMPERATURE_RANGE = (1e-3, 1e3)
+"""The supported temperatures, bounds included. Beyond them float32 cannot carry the KD losses: the
+KL at temperature T is a difference of O(log C) terms of size O(1 / T²) (1 % relative error in
+float32 at T = 1e3, none left at 1e4), T² overflows float32 from 1.8e19, and the native CPU kernel's
+exp polynomial (coefficients ∝ 1 / T⁵) overflows below 1e-8."""
 
 
 class LogitsInfo(NamedTuple):
@@ -81,10 +86,11 @@ def _check_float(t: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {t.dtype}")
 
 
-def check_target(target: Tensor | None, info: LogitsInfo) -> None:
-    """Validate the shape, dtype and device of ``target`` (its values are checked by the op)."""
+def check_target(target: Tensor | None, info: LogitsInfo) -> Tensor | None:
+    """Validate the shape, dtype and device of ``target`` (its values are checked by the op) and return
+    it as int64, the labels every backend indexes with (uint8 / int8 / int16 / int32 are widened)."""
     if target is None:
-        return
+        return None
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be an integer Tensor[B] or None; got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -93,13 +99,16 @@ def check_target(target: Tensor | None, info: LogitsInfo) -> None:
         raise ValueError(f"target must have shape [B] = [{info.batch}]; got {list(target.shape)}")
     if target.device != info.device:
         raise ValueError(f"target is on {target.device} but logits are on {info.device}")
+    return target.long()
 
 
 def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise when a label is outside ``[0, C)`` and is not ``ignore_index`` (one host sync)."""
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    """Raise when a label is outside ``[0, C)`` and is not ``ignore_index`` (one host sync). Compared as
+    int64: a narrower dtype would wrap ``ignore_index`` (uint8 reads -100 as 156)."""
+    labels = target.long()
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
     if bool(bad.any()):
-        first = int(target[bad][0])
+        first = int(labels[bad][0])
         raise ValueError(
             f"target holds label {first} outside [0, {num_classes}) that is not ignore_index={ignore_index}"
         )
@@ -137,8 +146,12 @@ def _real(value: object, name: str) -> float:
 
 
 def check_temperature(temperature: float) -> float:
-    """A finite, positive real number."""
-    return check_positive(temperature, "temperature")
+    """A real number in :data:`TEMPERATURE_RANGE` (every backend computes the losses there)."""
+    result = _real(temperature, "temperature")
+    low, high = TEMPERATURE_RANGE
+    if not low <= result <= high:  # also rejects NaN
+        raise ValueError(f"temperature must be in [{low:g}, {high:g}]; got {temperature}")
+    return result
 
 
 def check_reduction(reduction: str) -> str:

@@ -57,12 +57,24 @@ def dense_kd_losses(
     - ``kd[i, j]`` = :math:`T^2 \cdot \mathrm{mean}_b \sum_c p_j (\log p_j - \log p_i)`, i.e.
       :math:`T^2 \cdot` batchmean :math:`\mathrm{KL}(p_j \| p_i)`, for every selected pair and 0 elsewhere.
 
+    Masked classes: a logit may be ``-inf`` (e.g. a masked vocabulary entry), with
+    :math:`0 \cdot \log 0 = 0` in every backend: a class of probability 0 in the teacher adds nothing
+    to the KL (nor to its gradient or JVP) and gets gradient 0; a class that is ``-inf`` in the student
+    where the teacher gives it probability > 0 makes that KL ``+inf``, and a row whose label class is
+    ``-inf`` has CE ``+inf`` (true values; its gradient stays softmax − onehot). An infinite KL has no
+    gradient, but a zero weight on it (a backward cotangent, or ``kd_weight`` in :func:`dense_kd`,
+    whose loss value is then 0 · inf = NaN) leaves every gradient finite. A row in which *every* class
+    of an exit is ``-inf`` has no softmax: the objectives involving that exit are NaN, as with
+    ``torch.log_softmax``. Logits that are ``+inf`` or NaN give NaN.
+
     Args:
         logits: ``Tensor[K, B, C]`` or a sequence of K ``Tensor[B, C]`` (float16/bfloat16/float32
             accumulate in float32; float64 stays float64). A sequence is not copied into a stack
             by backends that read it in place.
-        target: integer labels ``Tensor[B]``, or ``None`` for distillation only (``ce`` is ``None``).
-        temperature: the distillation temperature T > 0.
+        target: integer labels ``Tensor[B]`` (any integer dtype), or ``None`` for distillation only
+            (``ce`` is ``None``).
+        temperature: the distillation temperature T, in ``[1e-3, 1e3]`` (``TEMPERATURE_RANGE`` in
+            ``hdkd_fast._validation``: float32 cannot carry the KD losses beyond).
         pairs: ``"dense"`` (all i < j), ``"last"`` (j = K-1), ``"adjacent"`` (j = i+1) or a boolean
             ``Tensor[K, K]`` mask (``mask[i, j]``: exit i learns from exit j).
         detach_teacher: no gradient flows into the teacher side of a pair.
@@ -75,7 +87,7 @@ def dense_kd_losses(
         :class:`KDLosses` ``(ce, kd)`` in the accumulation dtype.
     """
     info = check_logits(logits)
-    check_target(target, info)
+    target = check_target(target, info)
     spec = _spec(info, temperature=temperature, pairs=pairs, detach_teacher=detach_teacher,
                  ignore_index=ignore_index, reduction=reduction, backend=backend, compute_grad=False)
     ce, kd, _, _ = function_class().apply(spec, target, None, None, *info.tensors)
@@ -104,7 +116,7 @@ def dense_kd(
     :math:`\partial L / \partial \gamma_{ij} = \mathrm{kd}[i, j]`.
     """
     info = check_logits(logits)
-    check_target(target, info)
+    target = check_target(target, info)
     k = info.num_exits
     acc = accumulation_dtype(info.dtype)
     ce_w = check_weight(ce_weight, "ce_weight", (k,), info)

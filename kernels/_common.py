@@ -140,30 +140,53 @@ def load_at(base, table, row, col, k_idx, K, ACC: tl.constexpr):
 @triton.jit
 def row_stats(base, table, row, K, C, inv_t, k_idx, TWO: tl.constexpr, KP: tl.constexpr,
               BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr):
-    """Pass 1: online max / sum-of-exp over the column blocks. Returns the log-sum-exp of every exit
-    at temperature T (``z / T``) and, when ``TWO``, also at temperature 1 (for the cross-entropy)."""
-    m_t = tl.full([KP], float("-inf"), ACC)
+    """Pass 1: online max / sum-of-exp over the column blocks. Returns, per exit, the max ``m`` of its
+    logits, ``lns_t = log sum_c exp((z - m) / T)`` and ``lns_1 = log sum_c exp(z - m)`` (computed when
+    ``TWO``, else ``lns_t`` again). Shifting by the max before scaling by 1/T keeps huge finite logits
+    from overflowing; ``-inf`` logits (masked classes) add ``exp(-inf) = 0``, also in blocks where every
+    logit so far is ``-inf``. An exit whose logits are all ``-inf`` has no softmax: NaN downstream."""
+    m = tl.full([KP], float("-inf"), ACC)
     s_t = tl.zeros([KP], ACC)
-    m_1 = tl.full([KP], float("-inf"), ACC)
     s_1 = tl.zeros([KP], ACC)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         z, _ = load_tile(base, table, row, cols, k_idx, K, C, ALIGN, ACC)
-        col_ok = (cols < C)[None, :]
-        x = tl.where(col_ok, z * inv_t, float("-inf"))
-        m_new = tl.maximum(m_t, tl.max(x, axis=1))
-        s_t = s_t * tl.exp(m_t - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-        m_t = m_new
+        x = tl.where((cols < C)[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - (-inf)
+        u = x - shift[:, None]
+        back = m - shift
+        s_t = s_t * tl.exp(back * inv_t) + tl.sum(tl.exp(u * inv_t), axis=1)
         if TWO:
-            x1 = tl.where(col_ok, z, float("-inf"))
-            m1_new = tl.maximum(m_1, tl.max(x1, axis=1))
-            s_1 = s_1 * tl.exp(m_1 - m1_new) + tl.sum(tl.exp(x1 - m1_new[:, None]), axis=1)
-            m_1 = m1_new
-    lse_t = m_t + tl.log(s_t)
-    lse_1 = lse_t
+            s_1 = s_1 * tl.exp(back) + tl.sum(tl.exp(u), axis=1)
+        m = m_new
+    lns_t = tl.log(s_t)
+    lns_1 = lns_t
     if TWO:
-        lse_1 = m_1 + tl.log(s_1)
-    return lse_t, lse_1
+        lns_1 = tl.log(s_1)
+    return m, lns_t, lns_1
+
+
+@triton.jit
+def log_probs(z, ok, m, lns, inv_t):
+    """One ``[KP, BLOCK_C]`` tile at temperature T: ``(log p, p, gap)`` with ``log p = (z - m) / T - lns``
+    kept finite (0 where it is ``-inf``, i.e. ``p = 0`` exactly: 0 · log 0 = 0, so a masked class adds
+    nothing to a dot product), ``p`` (0 outside ``ok``) and ``gap`` (1 where ``log p = -inf``, else 0:
+    ``tl.dot(gap, p_j)`` is the mass ``p_j`` puts there, which makes a KL ``+inf``)."""
+    raw = (z - m[:, None]) * inv_t - lns[:, None]
+    off = ok & (raw == float("-inf"))
+    logp = tl.where(ok & ~off, raw, 0.0)
+    p = tl.where(ok, tl.exp(raw), 0.0)
+    return logp, p, off.to(z.dtype)
+
+
+@triton.jit
+def add_lost_mass(lost, gap, p, PREC: tl.constexpr, ACC: tl.constexpr):
+    """``lost[i, j] += sum_c gap[i, c] p[j, c]``: the mass of ``p_j`` on the classes where ``log p_i = -inf``
+    (the dot only runs for a tile that has such a class)."""
+    if tl.max(tl.max(gap, axis=1), axis=0) > 0:
+        lost = tl.dot(gap, tl.trans(p), lost, input_precision=PREC, out_dtype=ACC)
+    return lost
 
 
 @triton.jit

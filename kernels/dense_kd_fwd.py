@@ -4,7 +4,7 @@ One program per row ``b`` (grid ``(B,)``), all K exits of the row in one ``[KP, 
 
 - pass 1 (:func:`row_stats`): online max / sum-of-exp per exit at temperature T, and at
   temperature 1 when labels are given and ``T != 1``;
-- pass 2: re-reads the row block by block; with ``logp = z/T - lse``, ``p = exp(logp)`` it
+- pass 2: re-reads the row block by block; with ``logp = (z - max)/T - lns``, ``p = exp(logp)`` it
   accumulates the K×K cross terms ``X[i, j] = Σ_c log p_i p_j`` with one ``tl.dot`` per block
   (fp32/fp64 "ieee" precision, never TF32) and the negative entropies ``H[j] = Σ_c p_j log p_j``,
   so ``KL[i, j] = H[j] - X[i, j]`` for every pair at once; when a gradient is requested and the
@@ -14,6 +14,11 @@ One program per row ``b`` (grid ``(B,)``), all K exits of the row in one ``[KP, 
 - pass 3 (only ``detach_teacher=False`` with a gradient): the teacher term needs the row's complete
   KL, so the gradient is written by a third pass:
   ``g += p ⊙ (colsum(W) log p - Wᵀ @ log p - Σ_s W[s, :] KL[s, :])``.
+
+Masked classes (``-inf`` logits) follow 0 · log 0 = 0: ``log p`` enters every product as 0 where
+``p = 0`` exactly, and a block holding such a class also accumulates the mass of each ``p_j`` on the
+classes where ``log p_i = -inf`` (a second ``tl.dot``), whose pairs get ``KL = +inf``
+(:func:`~._common.log_probs`, :func:`~._common.add_lost_mass`).
 
 Memory traffic: 2 reads + 1 write of K·B·C (3 reads with ``detach_teacher=False``), independent of
 the number of pairs; loss-only mode (no gradient) is 2 reads and writes no gradient.
@@ -35,10 +40,12 @@ from ._common import (
     DOT_PRECISION,
     ExitTable,
     acc_dtype,
+    add_lost_mass,
     block_sizes,
     load_at,
     load_scalar,
     load_tile,
+    log_probs,
     row_stats,
     tl_acc,
 )
@@ -65,7 +72,7 @@ def _dense_kd_fwd_kernel(
     ik = k_idx[:, None].to(tl.int64)
     jk = k_idx[None, :].to(tl.int64)
 
-    lse_t, lse_1 = row_stats(x_base, x_table, row, K, C, inv_t, k_idx, TWO_TEMPS, KP, BLOCK_C, ALIGN, ACC)
+    mx, lns_t, lns_1 = row_stats(x_base, x_table, row, K, C, inv_t, k_idx, TWO_TEMPS, KP, BLOCK_C, ALIGN, ACC)
 
     # ---- cross-entropy of the row (temperature 1) ----
     y = 0
@@ -75,7 +82,7 @@ def _dense_kd_fwd_kernel(
         valid = y != ignore_index
         y = tl.where(valid, y, 0)
         z_y = load_at(x_base, x_table, row, y, k_idx, K, ACC)
-        ce = tl.where(k_ok & valid, lse_1 - z_y, 0.0)
+        ce = tl.where(k_ok & valid, lns_1 - (z_y - mx), 0.0)
         tl.store(ce_rows_ptr + k_idx.to(tl.int64) * B + row, ce, mask=k_ok)
 
     # ---- weights of the gradient (already scaled and masked by the launcher) ----
@@ -93,43 +100,44 @@ def _dense_kd_fwd_kernel(
     # ---- pass 2: KL of every pair (+ the gradient when the teacher is detached) ----
     cross = tl.zeros([KP, KP], ACC)  # cross[i, j] = sum_c log p_i p_j
     neg_ent = tl.zeros([KP], ACC)  # sum_c p_j log p_j
+    lost = tl.zeros([KP, KP], ACC)  # lost[i, j] = mass of p_j where log p_i = -inf
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         z, ok = load_tile(x_base, x_table, row, cols, k_idx, K, C, ALIGN, ACC)
-        logp = tl.where(ok, z * inv_t - lse_t[:, None], 0.0)
-        p = tl.where(ok, tl.exp(logp), 0.0)
+        logp, p, gap = log_probs(z, ok, mx, lns_t, inv_t)
         cross = tl.dot(logp, tl.trans(p), cross, input_precision=PREC, out_dtype=ACC)
+        lost = add_lost_mass(lost, gap, p, PREC, ACC)
         neg_ent += tl.sum(p * logp, axis=1)
         if COMPUTE_GRAD and DETACH:
             g = w_rows[:, None] * p - tl.dot(w, p, input_precision=PREC, out_dtype=ACC)
             if HAS_TARGET and HAS_CE_W:
                 q = p
                 if not TEMP_ONE:
-                    q = tl.where(ok, tl.exp(z - lse_1[:, None]), 0.0)
+                    q = tl.where(ok, tl.exp(z - mx[:, None] - lns_1[:, None]), 0.0)
                 g += alpha[:, None] * (q - tl.where(cols[None, :] == y, 1.0, 0.0))
             tl.store(grad_row[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=ok)
 
-    kl = neg_ent[None, :] - cross  # KL[i, j] = sum_c p_j (log p_j - log p_i)
-    m = tl.load(mask_ptr + ik * K + jk, mask=pair_ok, other=0.0).to(ACC)
-    tl.store(kd_rows_ptr + (ik * K + jk) * B + row, t_sq * kl * m, mask=pair_ok)
+    # KL[i, j] = sum_c p_j (log p_j - log p_i); unselected pairs store exactly 0 (also where KL = inf)
+    kl = tl.where(lost > 0, float("inf"), neg_ent[None, :] - cross)
+    sel = tl.load(mask_ptr + ik * K + jk, mask=pair_ok, other=0.0)
+    tl.store(kd_rows_ptr + (ik * K + jk) * B + row, tl.where(sel != 0, t_sq * kl, 0.0), mask=pair_ok)
 
     # ---- pass 3: teacher term, which needs the row's complete KL ----
     if COMPUTE_GRAD and not DETACH:
         w_cols = tl.sum(w, axis=0)
-        w_kl = tl.sum(w * kl, axis=0)  # sum_s W[s, j] KL[s, j]
+        w_kl = tl.sum(tl.where(w != 0, w * kl, 0.0), axis=0)  # sum_s W[s, j] KL[s, j] (0 · inf = 0)
         w_t = tl.trans(w)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             z, ok = load_tile(x_base, x_table, row, cols, k_idx, K, C, ALIGN, ACC)
-            logp = tl.where(ok, z * inv_t - lse_t[:, None], 0.0)
-            p = tl.where(ok, tl.exp(logp), 0.0)
+            logp, p, _ = log_probs(z, ok, mx, lns_t, inv_t)
             g = w_rows[:, None] * p - tl.dot(w, p, input_precision=PREC, out_dtype=ACC)
             mixed = tl.dot(w_t, logp, input_precision=PREC, out_dtype=ACC)
             g += p * (w_cols[:, None] * logp - mixed - w_kl[:, None])
             if HAS_TARGET and HAS_CE_W:
                 q = p
                 if not TEMP_ONE:
-                    q = tl.where(ok, tl.exp(z - lse_1[:, None]), 0.0)
+                    q = tl.where(ok, tl.exp(z - mx[:, None] - lns_1[:, None]), 0.0)
                 g += alpha[:, None] * (q - tl.where(cols[None, :] == y, 1.0, 0.0))
             tl.store(grad_row[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=ok)
 

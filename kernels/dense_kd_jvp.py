@@ -28,10 +28,12 @@ from ._common import (
     DOT_PRECISION,
     ExitTable,
     acc_dtype,
+    add_lost_mass,
     block_sizes,
     load_at,
     load_scalar,
     load_tile,
+    log_probs,
     row_stats,
     tl_acc,
 )
@@ -55,7 +57,7 @@ def _dense_kd_jvp_kernel(
     ik = k_idx[:, None].to(tl.int64)
     jk = k_idx[None, :].to(tl.int64)
 
-    lse_t, lse_1 = row_stats(x_base, x_table, row, K, C, inv_t, k_idx, TWO_TEMPS, KP, BLOCK_C, ALIGN, ACC)
+    mx, lns_t, lns_1 = row_stats(x_base, x_table, row, K, C, inv_t, k_idx, TWO_TEMPS, KP, BLOCK_C, ALIGN, ACC)
     y = 0
     if HAS_TARGET:
         y = tl.load(target_ptr + row).to(tl.int64)
@@ -69,32 +71,33 @@ def _dense_kd_jvp_kernel(
     neg_ent = tl.zeros([KP], ACC)  # sum_c p_j log p_j
     t_cross = tl.zeros([KP, KP], ACC)  # sum_c log p_i p_j dz_j
     t_own = tl.zeros([KP], ACC)  # sum_c p_j log p_j dz_j
+    lost = tl.zeros([KP, KP], ACC)  # mass of p_j where log p_i = -inf (there KL = inf)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         z, ok = load_tile(x_base, x_table, row, cols, k_idx, K, C, ALIGN, ACC)
         dz, _ = load_tile(dx_base, dx_table, row, cols, k_idx, K, C, DALIGN, ACC)
-        logp = tl.where(ok, z * inv_t - lse_t[:, None], 0.0)
-        p = tl.where(ok, tl.exp(logp), 0.0)
+        logp, p, gap = log_probs(z, ok, mx, lns_t, inv_t)
         own += tl.sum(p * dz, axis=1)
         mix = tl.dot(dz, tl.trans(p), mix, input_precision=PREC, out_dtype=ACC)
         if HAS_TARGET:
             q = p
             if not TEMP_ONE:
-                q = tl.where(ok, tl.exp(z - lse_1[:, None]), 0.0)
+                q = tl.where(ok, tl.exp(z - mx[:, None] - lns_1[:, None]), 0.0)
             ce_dot += tl.sum(q * dz, axis=1)
         if not DETACH:
             p_dz = p * dz
             cross = tl.dot(logp, tl.trans(p), cross, input_precision=PREC, out_dtype=ACC)
+            lost = add_lost_mass(lost, gap, p, PREC, ACC)
             neg_ent += tl.sum(p * logp, axis=1)
             t_cross = tl.dot(logp, tl.trans(p_dz), t_cross, input_precision=PREC, out_dtype=ACC)
             t_own += tl.sum(p_dz * logp, axis=1)
 
     rows = t * (own[:, None] - mix)
     if not DETACH:
-        kl = neg_ent[None, :] - cross
+        kl = tl.where(lost > 0, float("inf"), neg_ent[None, :] - cross)
         rows += t * (t_own[None, :] - t_cross - kl * own[None, :])
-    m = tl.load(mask_ptr + ik * K + jk, mask=pair_ok, other=0.0).to(ACC)
-    tl.store(dkd_rows_ptr + (ik * K + jk) * B + row, rows * m, mask=pair_ok)
+    sel = tl.load(mask_ptr + ik * K + jk, mask=pair_ok, other=0.0)
+    tl.store(dkd_rows_ptr + (ik * K + jk) * B + row, tl.where(sel != 0, rows, 0.0), mask=pair_ok)
     if HAS_TARGET:
         dz_y = load_at(dx_base, dx_table, row, y, k_idx, K, ACC)
         dce = tl.where(k_ok & valid, ce_dot - dz_y, 0.0)

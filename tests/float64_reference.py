@@ -26,6 +26,14 @@ def _log_softmax(x: Tensor) -> Tensor:
     return shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
 
 
+def _kl_terms(log_p_j: Tensor, log_p_i: Tensor) -> Tensor:
+    """``p_j (log p_j - log p_i)`` per class with 0 · log 0 = 0: a class with ``p_j = 0`` adds 0 (also
+    where ``log p_i = -inf``), one with ``p_j > 0`` and ``log p_i = -inf`` adds ``+inf``. The difference
+    is zeroed before the product so that no NaN reaches the gradient either."""
+    p_j = log_p_j.exp()
+    return p_j * torch.where(p_j > 0, log_p_j - log_p_i, 0.0)
+
+
 def losses(
     z: Tensor,
     target: Tensor | None,
@@ -36,7 +44,7 @@ def losses(
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> tuple[Tensor | None, Tensor]:
-    """``(ce, kd)`` of docs/design.md §Math for ``z: Tensor[K, B, C]`` in float64."""
+    """``(ce, kd)`` of docs/design.md §Math for ``z: Tensor[K, B, C]`` in float64 (``-inf`` logits: 0 · log 0 = 0)."""
     z = z.double()
     k, b, _ = z.shape
     t = temperature
@@ -59,7 +67,7 @@ def losses(
             teacher = z[j].detach() if detach_teacher else z[j]
             log_p_i = _log_softmax(z[i] / t)
             log_p_j = _log_softmax(teacher / t)
-            kl = (log_p_j.exp() * (log_p_j - log_p_i)).sum(-1)
+            kl = _kl_terms(log_p_j, log_p_i).sum(-1)
             kd_rows = kd_rows.index_put((torch.tensor(i), torch.tensor(j)), t * t * kl)
     kd = {"mean": kd_rows.sum(-1) / b, "sum": kd_rows.sum(-1), "none": kd_rows}[reduction]
     return ce, kd

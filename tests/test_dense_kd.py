@@ -14,6 +14,9 @@ import torch
 from torch.testing import assert_close
 
 import hdkd_fast as hk
+from hdkd_fast._validation import TEMPERATURE_RANGE
+from hdkd_fast.backends import BACKENDS as BACKEND_NAMES
+from hdkd_fast.backends import get_backend
 
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 BACKENDS = hk.available_backends("cpu")  # "torch", plus "native" where the extension is built
@@ -323,6 +326,9 @@ BAD_INPUTS = [
     (lambda z, y: hk.dense_kd(z, y, temperature=float("nan")), ValueError, "temperature"),
     (lambda z, y: hk.dense_kd(z, y, temperature=float("inf")), ValueError, "temperature"),
     (lambda z, y: hk.dense_kd(z, y, temperature="4"), TypeError, "temperature"),
+    (lambda z, y: hk.dense_kd(z, y, temperature=1e-9), ValueError, "temperature"),  # below TEMPERATURE_RANGE
+    (lambda z, y: hk.dense_kd(z, y, temperature=1e20), ValueError, "temperature"),  # T² overflows float32
+    (lambda z, y: hk.dense_kd(z, torch.full_like(y, 156).to(torch.uint8)), ValueError, "target"),  # not -100
     (lambda z, y: hk.dense_kd(z, y, ce_weight=torch.ones(2)), ValueError, "ce_weight"),
     (lambda z, y: hk.dense_kd(z, y, kd_weight=torch.ones(3)), ValueError, "kd_weight"),
     (lambda z, y: hk.dense_kd(z, y, kd_weight=torch.ones(3, 3).long()), TypeError, "kd_weight"),
@@ -378,3 +384,215 @@ def test_hessian_forward_over_reverse_matches_reference():
     h_ref = torch.func.hessian(lambda x: R.weighted(x, y, torch.ones(k), torch.ones(k, k),
                                                     mask=R.masks(k)["dense"], **opts))(z)
     assert_close(h, h_ref, **F64)
+
+
+# ---- masked classes and extreme values: every backend that runs here, Triton under the interpreter ----
+
+def _runs_here(name: str) -> bool:
+    try:
+        return get_backend(name).unavailable_reason(torch.device("cpu")) is None
+    except RuntimeError:  # not part of this installation
+        return False
+
+
+EVERY_BACKEND = [name for name in BACKEND_NAMES if _runs_here(name)]
+NEG_INF = float("-inf")
+TOL = {torch.float64: F64, torch.float32: {"rtol": 2e-5, "atol": 2e-5}}
+
+
+@pytest.fixture(params=EVERY_BACKEND)
+def any_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each backend in turn; Triton with 16-column blocks, so that C = 37 spans three of them."""
+    if request.param == "triton":
+        monkeypatch.setenv("HDKD_FAST_TRITON_BLOCK_C", "16")
+    return request.param
+
+
+def masked_draw(k: int, b: int, c: int, *, seed: int, dtype: torch.dtype, exits: list[int]):
+    """Random logits whose exits ``exits`` have about half the classes of each row at ``-inf`` (row 0:
+    the first 18, a whole Triton block and more), labels on classes left finite, row 1 ignored (its
+    placeholder class 0 masked). Returns ``(z, y, masked [B, C])``."""
+    z, y = draw(k, b, c, seed=seed, ignored=0)
+    g = torch.Generator().manual_seed(seed + 7)
+    masked = torch.rand(b, c, generator=g) < 0.5
+    masked[0, :18] = True
+    masked[:, -1] = False
+    masked[1, 0] = True
+    y = torch.multinomial((~masked).double(), 1, generator=g).squeeze(1)
+    y[1] = -100
+    for e in exits:
+        z[e][masked] = NEG_INF
+    return z.to(dtype), y, masked
+
+
+def _objectives(backend: str, pairs, opts: dict):
+    return lambda x, y: tuple(hk.dense_kd_losses(x, y, pairs=pairs, backend=backend, **opts))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("detach_teacher", [True, False])
+@pytest.mark.parametrize("where", ["every exit", "teacher only"])
+def test_masked_classes_follow_zero_log_zero(any_backend, where, detach_teacher, dtype):
+    """-inf logits in every exit, or only in the last exit (a teacher, never a student, of the dense
+    pairs): every loss, gradient (random cotangents) and JVP is finite and matches the reference."""
+    k, b, c = 3, 4, 37
+    z, y, _ = masked_draw(k, b, c, seed=stable_seed(where, detach_teacher), dtype=dtype,
+                          exits=list(range(k)) if where == "every exit" else [k - 1])
+    opts = dict(temperature=2.5, detach_teacher=detach_teacher, reduction="mean")
+    fn = _objectives(any_backend, "dense", opts)
+    ref = lambda x: R.losses(x, y, mask=R.masks(k)["dense"], **opts)  # noqa: E731
+    x, x64 = z.clone().requires_grad_(), z.double().requires_grad_()
+    got, want = fn(x, y), ref(x64)
+    for a, w in zip(got, want, strict=True):
+        assert torch.isfinite(w).all()
+        assert_close(a.double(), w.detach(), **TOL[dtype])
+    g = torch.Generator().manual_seed(1)
+    cots = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in want]
+    (grad,) = torch.autograd.grad(got, x, [t.to(a.dtype) for a, t in zip(got, cots, strict=True)])
+    (grad_ref,) = torch.autograd.grad(want, x64, cots)
+    assert torch.isfinite(grad_ref).all()
+    assert_close(grad.double(), grad_ref, **TOL[dtype])
+    dz = torch.randn(z.shape, generator=g, dtype=torch.float64)
+    _, tan = torch.func.jvp(lambda v: fn(v, y), (z,), (dz.to(dtype),))
+    _, tan_ref = torch.func.jvp(ref, (z.double(),), (dz,))
+    for a, w in zip(tan, tan_ref, strict=True):
+        assert torch.isfinite(w).all()
+        assert_close(a.double(), w, **TOL[dtype])
+
+
+@pytest.mark.parametrize("detach_teacher", [True, False])
+def test_class_masked_only_in_the_student_gives_infinite_kl(any_backend, detach_teacher):
+    """-inf in exit 0 only, where its teachers have probability > 0: KL(p_j || p_0) = +inf (the true
+    value); a zero weight on those pairs (a backward cotangent, or kd_weight) leaves every gradient
+    finite and equal to the reference without those pairs."""
+    k, b, c = 3, 4, 37
+    z, y, _ = masked_draw(k, b, c, seed=5, dtype=torch.float64, exits=[0])
+    opts = dict(temperature=2.5, detach_teacher=detach_teacher)
+    x, x64 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got = hk.dense_kd_losses(x, y, backend=any_backend, **opts)
+    want = R.losses(z, y, mask=R.masks(k)["dense"], **opts)
+    assert torch.isposinf(got.kd[0, 1:]).all() and torch.isfinite(got.kd[1:]).all()
+    assert_close(got.ce, want[0], **F64)
+    assert_close(got.kd, want[1], **F64)
+    kd_weight = torch.rand(k, k, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    kd_weight[0] = 0.0
+    without_exit_0 = [[0 < i < j for j in range(k)] for i in range(k)]
+    ref = R.weighted(x64, y, torch.ones(k), kd_weight, mask=without_exit_0, **opts)
+    (grad_ref,) = torch.autograd.grad(ref, x64)
+    assert torch.isfinite(grad_ref).all()
+    (grad,) = torch.autograd.grad((got.ce, got.kd), x, (torch.ones(k, dtype=torch.float64), kd_weight))
+    assert_close(grad, grad_ref, **F64)
+    (grad,) = torch.autograd.grad(hk.dense_kd(x, y, kd_weight=kd_weight, backend=any_backend, **opts), x)
+    assert_close(grad, grad_ref, **F64)  # the weighted loss itself is 0 · inf = NaN
+
+
+def test_label_on_a_masked_class_gives_infinite_ce(any_backend):
+    """CE = +inf where the label's class is -inf (in the last exit, a teacher only: every KL finite);
+    the gradient of the weighted loss, softmax - onehot for that CE, stays finite."""
+    k, b, c = 3, 4, 37
+    z, y, masked = masked_draw(k, b, c, seed=9, dtype=torch.float64, exits=[k - 1])
+    y[2] = int(masked[2].nonzero()[0])
+    got = hk.dense_kd_losses(z, y, backend=any_backend)
+    want = R.losses(z, y, temperature=4.0, mask=R.masks(k)["dense"])
+    assert torch.isposinf(got.ce[-1]) and torch.isfinite(got.ce[:-1]).all() and torch.isfinite(got.kd).all()
+    assert_close(got.ce, want[0], **F64)
+    assert_close(got.kd, want[1], **F64)
+    x, x64 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    loss = hk.dense_kd(x, y, backend=any_backend)
+    ref = R.weighted(x64, y, torch.ones(k), torch.ones(k, k), temperature=4.0, mask=R.masks(k)["dense"])
+    assert torch.isposinf(loss) and torch.isposinf(ref)
+    (grad,) = torch.autograd.grad(loss, x)
+    (grad_ref,) = torch.autograd.grad(ref, x64)
+    assert torch.isfinite(grad_ref).all()
+    assert_close(grad, grad_ref, **F64)
+
+
+def test_exit_with_every_class_masked_gives_nan(any_backend):
+    """A row in which every class of exit 1 is -inf has no softmax: exactly the objectives that involve
+    exit 1 are NaN (as in the reference and torch.log_softmax), the others unaffected."""
+    k, c = 3, 37
+    z, y = draw(k, 4, c, seed=3)
+    z[1, 2] = NEG_INF
+    got = hk.dense_kd_losses(z, y, pairs=torch.ones(k, k, dtype=torch.bool).fill_diagonal_(False),
+                             detach_teacher=False, backend=any_backend)
+    want = R.losses(z, y, temperature=4.0, mask=[[i != j for j in range(k)] for i in range(k)])
+    involves_1 = torch.zeros(k, k, dtype=torch.bool)
+    involves_1[1, [0, 2]] = involves_1[[0, 2], 1] = True
+    assert torch.equal(got.kd.isnan(), involves_1) and torch.equal(got.ce.isnan(), torch.tensor([False, True, False]))
+    assert_close(got.ce, want[0], equal_nan=True, **F64)
+    assert_close(got.kd, want[1], equal_nan=True, **F64)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 4.0])
+def test_huge_finite_logits(any_backend, temperature):
+    """Logits of magnitude 1.8e38: z - max overflows float32 to -inf, z / T too for T < 1. Per row, exit
+    k puts 1.8e38 on the first K - k classes of a random set and -1.8e38 elsewhere, so the softmaxes are
+    uniform on nested sets: KL(p_j || p_i) = log(|S_i| / |S_j|), CE = log |S_k| (labels in the smallest
+    set); losses and gradients match the float64 reference (where nothing overflows)."""
+    k, b, c, big = 3, 4, 37, 1.8e38
+    g = torch.Generator().manual_seed(int(temperature * 10))
+    z = torch.full((k, b, c), -big)
+    y = torch.empty(b, dtype=torch.long)
+    for r in range(b):
+        top = torch.randperm(c, generator=g)[:k]
+        for e in range(k):
+            z[e, r, top[: k - e]] = big
+        y[r] = top[0]
+    x, x64 = z.clone().requires_grad_(), z.double().requires_grad_()
+    got = hk.dense_kd_losses(x, y, temperature=temperature, backend=any_backend)
+    want = R.losses(x64, y, temperature=temperature, mask=R.masks(k)["dense"])
+    assert_close(got.ce.double(), want[0].detach(), **TOL[torch.float32])
+    assert_close(got.kd.double(), want[1].detach(), **TOL[torch.float32])
+    (grad,) = torch.autograd.grad(got.ce.sum() + got.kd.sum(), x)
+    (grad_ref,) = torch.autograd.grad(want[0].sum() + want[1].sum(), x64)
+    assert_close(grad.double(), grad_ref, **TOL[torch.float32])
+
+
+def test_temperature_range(any_backend):
+    """Temperatures just outside TEMPERATURE_RANGE are rejected; at its bounds every backend matches
+    the float64 reference."""
+    low, high = TEMPERATURE_RANGE
+    z, y = draw(3, 4, 37, seed=13)
+    for t in (low * 0.99, high * 1.01):
+        with pytest.raises(ValueError, match="temperature"):
+            hk.dense_kd_losses(z, y, temperature=t, backend=any_backend)
+    for t in (low, high):
+        x, x64 = z.clone().requires_grad_(), z.clone().requires_grad_()
+        got = hk.dense_kd_losses(x, y, temperature=t, backend=any_backend)
+        want = R.losses(x64, y, temperature=t, mask=R.masks(3)["dense"])
+        assert_close(got.kd, want[1], rtol=1e-8, atol=1e-12)
+        (grad,) = torch.autograd.grad(got.kd.sum(), x)
+        (grad_ref,) = torch.autograd.grad(want[1].sum(), x64)
+        assert_close(grad, grad_ref, **F64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_batch_reduction_of_huge_rows(any_backend, reduction):
+    """Per-row CE and KD near 1e37 in float32 over 64 rows: their sum overflows (inf, the true value for
+    reduction="sum"), their mean must not."""
+    k, b, c, big = 2, 64, 5, 1e37
+    z = torch.zeros(k, b, c)
+    z[0, :, 0] = -big  # the student's label class, where the teacher puts all its mass
+    z[1, :, 1:] = -big
+    y = torch.zeros(b, dtype=torch.long)
+    got = hk.dense_kd_losses(z, y, temperature=2.0, reduction=reduction, backend=any_backend)
+    want = R.losses(z, y, temperature=2.0, mask=R.masks(k)["dense"], reduction=reduction)
+    if reduction == "sum":
+        assert torch.isposinf(got.ce[0]) and torch.isposinf(got.kd[0, 1])
+    else:
+        assert_close(got.ce.double(), want[0], **TOL[torch.float32])
+        assert_close(got.kd.double(), want[1], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_narrow_integer_labels(any_backend, dtype):
+    """Labels of any integer dtype give exactly the int64 results (int8 / int16 / int32 with an ignored
+    row: -100 fits them)."""
+    z, y = draw(3, 5, 7, seed=4, ignored=0 if dtype == torch.uint8 else 1)
+    x, x64 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got = hk.dense_kd_losses(x, y.to(dtype), backend=any_backend)
+    want = hk.dense_kd_losses(x64, y, backend=any_backend)
+    assert torch.equal(got.ce, want.ce) and torch.equal(got.kd, want.kd)
+    (grad,) = torch.autograd.grad(got.ce.sum(), x)
+    (grad_64,) = torch.autograd.grad(want.ce.sum(), x64)
+    assert torch.equal(grad, grad_64)

@@ -20,6 +20,14 @@
 // All scratch is 64-byte aligned (unaligned 512-bit loads cost two cache accesses). The exp is a
 // short polynomial with 1/T folded into its constants (ExpDiv): sweep 2 is arithmetic-bound.
 //
+// Masked classes (-inf logits; also finite ones so far below the max that u = z - max overflows):
+// u = -inf and e = 0 there, so e_j u_i = 0 · (-inf) = NaN in a dot product where the convention is
+// 0 · log 0 = 0 (a class of probability 0 adds nothing). The hot loops do not test for it: a row whose
+// dot products come out non-finite is swept again with masked products (MASKED: 0 where e_j = 0),
+// and its teacher term masked the same way. A -inf dot product that remains is a true +inf KL (the
+// teacher puts mass on a class at -inf in the student); an exit with every class at -inf has no
+// softmax (m = -inf, u = NaN) and gives NaN.
+//
 // jvp: per row, the softmax pass into a whole-row scratch, then dot products with the tangents.
 #ifndef CPU_CAPABILITY
 #error "CPU_CAPABILITY must name the instruction-set variant (DEFAULT, AVX2, AVX512)"
@@ -227,11 +235,30 @@ inline acc_t row_max(const acc_t* x, int64_t C) {
   return m;
 }
 
+// acc + a * b, except acc where a = 0 (MASKED: 0 · b = 0 even for b = -inf, see the top of the file).
+template <bool MASKED, typename acc_t>
+inline Vec<acc_t> mul_add(const Vec<acc_t>& a, const Vec<acc_t>& b, const Vec<acc_t>& acc) {
+  if constexpr (MASKED) {
+    const Vec<acc_t> zero(acc_t(0));
+    return acc + Vec<acc_t>::blendv(a * b, zero, a == zero);
+  } else {
+    return at::vec::fmadd(a, b, acc);
+  }
+}
+
+template <typename acc_t>
+inline bool all_finite(const acc_t* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(v[i])) return false;
+  }
+  return true;
+}
+
 // ---- jvp helpers --------------------------------------------------------------------------------
 
 // out[n] = <a, b[n]> over Cp (a multiple of the vector width) for N rows b at once; two column
 // vectors per step so that even N = 1 has independent accumulator chains.
-template <int N, typename acc_t>
+template <int N, bool MASKED, typename acc_t>
 inline void dots_n(const acc_t* a, const acc_t* const* b, int64_t Cp, acc_t* out) {
   constexpr int64_t V = kV<acc_t>;
   Vec<acc_t> acc0[N], acc1[N];
@@ -240,29 +267,37 @@ inline void dots_n(const acc_t* a, const acc_t* const* b, int64_t Cp, acc_t* out
   for (; c + 2 * V <= Cp; c += 2 * V) {
     const Vec<acc_t> x0 = Vec<acc_t>::loadu(a + c), x1 = Vec<acc_t>::loadu(a + c + V);
     for (int n = 0; n < N; ++n) {
-      acc0[n] = at::vec::fmadd(x0, Vec<acc_t>::loadu(b[n] + c), acc0[n]);
-      acc1[n] = at::vec::fmadd(x1, Vec<acc_t>::loadu(b[n] + c + V), acc1[n]);
+      acc0[n] = mul_add<MASKED>(x0, Vec<acc_t>::loadu(b[n] + c), acc0[n]);
+      acc1[n] = mul_add<MASKED>(x1, Vec<acc_t>::loadu(b[n] + c + V), acc1[n]);
     }
   }
   if (c < Cp) {
     const Vec<acc_t> x0 = Vec<acc_t>::loadu(a + c);
-    for (int n = 0; n < N; ++n) acc0[n] = at::vec::fmadd(x0, Vec<acc_t>::loadu(b[n] + c), acc0[n]);
+    for (int n = 0; n < N; ++n) acc0[n] = mul_add<MASKED>(x0, Vec<acc_t>::loadu(b[n] + c), acc0[n]);
   }
   for (int n = 0; n < N; ++n) out[n] = hsum(acc0[n] + acc1[n]);
 }
 
-template <typename acc_t>
+template <bool MASKED = false, typename acc_t>
 inline void dots(const acc_t* a, const acc_t* const* b, int64_t n, int64_t Cp, acc_t* out) {
   for (int64_t s = 0; s < n; s += 6) {
     switch (std::min<int64_t>(6, n - s)) {
-      case 1: dots_n<1>(a, b + s, Cp, out + s); break;
-      case 2: dots_n<2>(a, b + s, Cp, out + s); break;
-      case 3: dots_n<3>(a, b + s, Cp, out + s); break;
-      case 4: dots_n<4>(a, b + s, Cp, out + s); break;
-      case 5: dots_n<5>(a, b + s, Cp, out + s); break;
-      default: dots_n<6>(a, b + s, Cp, out + s); break;
+      case 1: dots_n<1, MASKED>(a, b + s, Cp, out + s); break;
+      case 2: dots_n<2, MASKED>(a, b + s, Cp, out + s); break;
+      case 3: dots_n<3, MASKED>(a, b + s, Cp, out + s); break;
+      case 4: dots_n<4, MASKED>(a, b + s, Cp, out + s); break;
+      case 5: dots_n<5, MASKED>(a, b + s, Cp, out + s); break;
+      default: dots_n<6, MASKED>(a, b + s, Cp, out + s); break;
     }
   }
+}
+
+// dots(a, b) of a probability-weighted row a (0 where p = 0) with rows b that may hold -inf (u at a
+// masked class): redone with masked products where they came out non-finite.
+template <typename acc_t>
+inline void dots_zero_log_zero(const acc_t* a, const acc_t* const* b, int64_t n, int64_t Cp, acc_t* out) {
+  dots(a, b, n, Cp, out);
+  if (!all_finite(out, n)) dots<true>(a, b, n, Cp, out);
 }
 
 // <e^n, b> (or <e1, b> when e1 is given).
@@ -378,7 +413,7 @@ inline void pair_kl(const Problem& pb, Scratch<acc_t>& s, acc_t* kl) {
     }
     if (n == 0) continue;
     s.ptrs[n] = s.u(j);
-    dots(s.e(j), s.ptrs.data(), n + 1, s.Cp, x);
+    dots_zero_log_zero(s.e(j), s.ptrs.data(), n + 1, s.Cp, x);
     const acc_t xjj = x[n];
     for (int64_t t = 0; t < n; ++t) {
       const int64_t i = pb.pairs[2 * s.idx[t]];
@@ -427,7 +462,7 @@ struct PairPlan {
 
 // acc[n] += <a, b[n]> over len (a multiple of the vector width) columns; acc holds two vector
 // accumulators per product (even / odd column vectors), carried across calls.
-template <int N, typename acc_t>
+template <int N, bool MASKED, typename acc_t>
 inline void dots_acc_n(const acc_t* a, const acc_t* const* b, int64_t len, acc_t* acc) {
   constexpr int64_t V = kV<acc_t>;
   Vec<acc_t> acc0[N], acc1[N];
@@ -439,13 +474,13 @@ inline void dots_acc_n(const acc_t* a, const acc_t* const* b, int64_t len, acc_t
   for (; c + 2 * V <= len; c += 2 * V) {
     const Vec<acc_t> x0 = Vec<acc_t>::loadu(a + c), x1 = Vec<acc_t>::loadu(a + c + V);
     for (int n = 0; n < N; ++n) {
-      acc0[n] = at::vec::fmadd(x0, Vec<acc_t>::loadu(b[n] + c), acc0[n]);
-      acc1[n] = at::vec::fmadd(x1, Vec<acc_t>::loadu(b[n] + c + V), acc1[n]);
+      acc0[n] = mul_add<MASKED>(x0, Vec<acc_t>::loadu(b[n] + c), acc0[n]);
+      acc1[n] = mul_add<MASKED>(x1, Vec<acc_t>::loadu(b[n] + c + V), acc1[n]);
     }
   }
   if (c < len) {
     const Vec<acc_t> x0 = Vec<acc_t>::loadu(a + c);
-    for (int n = 0; n < N; ++n) acc0[n] = at::vec::fmadd(x0, Vec<acc_t>::loadu(b[n] + c), acc0[n]);
+    for (int n = 0; n < N; ++n) acc0[n] = mul_add<MASKED>(x0, Vec<acc_t>::loadu(b[n] + c), acc0[n]);
   }
   for (int n = 0; n < N; ++n) {
     acc0[n].store(acc + 2 * n * V);
@@ -453,20 +488,20 @@ inline void dots_acc_n(const acc_t* a, const acc_t* const* b, int64_t len, acc_t
   }
 }
 
-template <typename acc_t>
+template <bool MASKED, typename acc_t>
 inline void dots_acc(const acc_t* a, const acc_t* const* b, int64_t n, int64_t len, acc_t* acc) {
   constexpr int64_t V = kV<acc_t>;
   for (int64_t s = 0; s < n; s += 8) {
     acc_t* o = acc + 2 * s * V;
     switch (std::min<int64_t>(8, n - s)) {
-      case 1: dots_acc_n<1>(a, b + s, len, o); break;
-      case 2: dots_acc_n<2>(a, b + s, len, o); break;
-      case 3: dots_acc_n<3>(a, b + s, len, o); break;
-      case 4: dots_acc_n<4>(a, b + s, len, o); break;
-      case 5: dots_acc_n<5>(a, b + s, len, o); break;
-      case 6: dots_acc_n<6>(a, b + s, len, o); break;
-      case 7: dots_acc_n<7>(a, b + s, len, o); break;
-      default: dots_acc_n<8>(a, b + s, len, o); break;
+      case 1: dots_acc_n<1, MASKED>(a, b + s, len, o); break;
+      case 2: dots_acc_n<2, MASKED>(a, b + s, len, o); break;
+      case 3: dots_acc_n<3, MASKED>(a, b + s, len, o); break;
+      case 4: dots_acc_n<4, MASKED>(a, b + s, len, o); break;
+      case 5: dots_acc_n<5, MASKED>(a, b + s, len, o); break;
+      case 6: dots_acc_n<6, MASKED>(a, b + s, len, o); break;
+      case 7: dots_acc_n<7, MASKED>(a, b + s, len, o); break;
+      default: dots_acc_n<8, MASKED>(a, b + s, len, o); break;
     }
   }
 }
@@ -649,8 +684,8 @@ inline void grad_cols_suffix(int64_t c, int64_t c1, int64_t C, int64_t K, const 
 }
 
 // The teacher-side term of exit i when it teaches with detach_teacher=False, columns [c, c1) below C:
-// out[c - oo] += gt e_i[c] (cteach + sum_t beta[t] u_src[t][c]).
-template <typename acc_t>
+// out[c - oo] += gt e_i[c] (cteach + sum_t beta[t] u_src[t][c]); MASKED: nothing where e_i = 0.
+template <bool MASKED, typename acc_t>
 inline void teacher_cols(int64_t c, int64_t c1, int64_t C, int64_t nb, const acc_t* const* usrcs, const acc_t* betav,
                          acc_t cteach, acc_t gt, const acc_t* Ei, acc_t* out, int64_t oo) {
   constexpr int64_t V = kV<acc_t>;
@@ -662,7 +697,7 @@ inline void teacher_cols(int64_t c, int64_t c1, int64_t C, int64_t nb, const acc
     const int cnt = static_cast<int>(std::min<int64_t>(V, C - c));
     acc_t* o = out + (c - oo);
     const Vec<acc_t> prev = cnt == V ? Vec<acc_t>::loadu(o) : Vec<acc_t>::loadu(o, cnt);
-    const Vec<acc_t> r = at::vec::fmadd(wg * Vec<acc_t>::loadu(Ei + c), v, prev);
+    const Vec<acc_t> r = mul_add<MASKED>(wg * Vec<acc_t>::loadu(Ei + c), v, prev);
     if (cnt == V) {
       r.store(o);
     } else {
@@ -860,30 +895,39 @@ void losses_and_grad_impl(const Problem& pb, const LossArgs& la) {
           s.m[k] = row_max(s.src[k], C);
         }
       }
-      std::fill(s.accT.begin(), s.accT.end(), acc_t(0));
-      std::fill(s.acc1.begin(), s.acc1.end(), acc_t(0));
-      std::fill(s.D.begin(), s.D.end(), acc_t(0));
-      // Sweep 2, per column block: u, e (exp(u) too for a non-integer T), the sums, the dots.
-      for (int64_t c0 = 0; c0 < Cp; c0 += CB) {
-        const int64_t c1 = std::min(c0 + CB, Cp);
-        const int64_t eoff = full_e ? c0 : 0, uoff = full_u ? c0 : 0;  // the block in the scratch rows
-        for (int64_t k = 0; k < K; ++k) {
-          Vec<acc_t> aT = Vec<acc_t>::loadu(s.accT.data() + k * V), a1 = Vec<acc_t>::loadu(s.acc1.data() + k * V);
-          acc_t* E1k = store_e1 ? s.E1.data() + k * Cp : static_cast<acc_t*>(nullptr);
-          with_power<ExpCols>(tp2, s.src[k], c0, c1, C, s.m[k], expT, exp1, s.U.data() + k * us + uoff,
-                              s.E.data() + k * es + eoff, E1k, aT, a1);
-          aT.store(s.accT.data() + k * V);
-          a1.store(s.acc1.data() + k * V);
+      // Sweep 2, per column block: u, e (exp(u) too for a non-integer T), the sums, the dots. Swept
+      // again with masked dot products where they came out non-finite (a class at -inf).
+      auto sweep2 = [&](auto masked) {
+        std::fill(s.accT.begin(), s.accT.end(), acc_t(0));
+        std::fill(s.acc1.begin(), s.acc1.end(), acc_t(0));
+        std::fill(s.D.begin(), s.D.end(), acc_t(0));
+        for (int64_t c0 = 0; c0 < Cp; c0 += CB) {
+          const int64_t c1 = std::min(c0 + CB, Cp);
+          const int64_t eoff = full_e ? c0 : 0, uoff = full_u ? c0 : 0;  // the block in the scratch rows
+          for (int64_t k = 0; k < K; ++k) {
+            Vec<acc_t> aT = Vec<acc_t>::loadu(s.accT.data() + k * V), a1 = Vec<acc_t>::loadu(s.acc1.data() + k * V);
+            acc_t* E1k = store_e1 ? s.E1.data() + k * Cp : static_cast<acc_t*>(nullptr);
+            with_power<ExpCols>(tp2, s.src[k], c0, c1, C, s.m[k], expT, exp1, s.U.data() + k * us + uoff,
+                                s.E.data() + k * es + eoff, E1k, aT, a1);
+            aT.store(s.accT.data() + k * V);
+            a1.store(s.acc1.data() + k * V);
+          }
+          for (int64_t j = 0; j < K; ++j) {
+            if (plan.slot[j] < 0) continue;
+            const int64_t n = plan.begin[j + 1] - plan.begin[j];
+            for (int64_t t = 0; t < n; ++t) s.ptrs[t] = s.U.data() + plan.student[plan.begin[j] + t] * us + uoff;
+            s.ptrs[n] = s.U.data() + j * us + uoff;
+            dots_acc<decltype(masked)::value>(static_cast<const acc_t*>(s.E.data() + j * es + eoff), s.ptrs.data(),
+                                              n + 1, c1 - c0, s.D.data() + plan.slot[j] * 2 * V);
+          }
         }
-        for (int64_t j = 0; j < K; ++j) {
-          if (plan.slot[j] < 0) continue;
-          const int64_t n = plan.begin[j + 1] - plan.begin[j];
-          for (int64_t t = 0; t < n; ++t) s.ptrs[t] = s.U.data() + plan.student[plan.begin[j] + t] * us + uoff;
-          s.ptrs[n] = s.U.data() + j * us + uoff;
-          dots_acc(static_cast<const acc_t*>(s.E.data() + j * es + eoff), s.ptrs.data(), n + 1, c1 - c0,
-                   s.D.data() + plan.slot[j] * 2 * V);
+        for (int64_t q = 0; q < plan.nslots; ++q) {
+          s.X[q] = hsum(Vec<acc_t>::loadu(s.D.data() + 2 * q * V) + Vec<acc_t>::loadu(s.D.data() + (2 * q + 1) * V));
         }
-      }
+      };
+      sweep2(std::false_type{});
+      const bool masked_row = !all_finite(s.X.data(), plan.nslots);
+      if (masked_row) sweep2(std::true_type{});
       // The row's sums, CE and pair KLs.
       for (int64_t k = 0; k < K; ++k) {
         s.sT[k] = hsum(Vec<acc_t>::loadu(s.accT.data() + k * V));
@@ -894,9 +938,6 @@ void losses_and_grad_impl(const Problem& pb, const LossArgs& la) {
           s.lns1[k] = std::log(s.s1[k]);
           ce_rows[k * B + b] = valid ? s.lns1[k] - (s.src[k][y] - s.m[k]) : acc_t(0);
         }
-      }
-      for (int64_t q = 0; q < plan.nslots; ++q) {
-        s.X[q] = hsum(Vec<acc_t>::loadu(s.D.data() + 2 * q * V) + Vec<acc_t>::loadu(s.D.data() + (2 * q + 1) * V));
       }
       for (int64_t j = 0; j < K; ++j) {
         if (plan.slot[j] < 0) continue;
@@ -1013,8 +1054,13 @@ void losses_and_grad_impl(const Problem& pb, const LossArgs& la) {
                                static_cast<const acc_t*>(s.coef.data() + i * (K + 1)), Ei,
                                static_cast<const acc_t*>(store_e1 ? s.E1.data() + i * Cp : nullptr), s.cq[i], out, oo);
           if (s.teach[i]) {
-            teacher_cols(c0, c1, C, s.nbeta[i], static_cast<const acc_t* const*>(s.usrcs.data() + i * K),
-                         static_cast<const acc_t*>(s.beta.data() + i * K), s.cteach[i], s.gt[i], Ei, out, oo);
+            auto teach = [&](auto masked) {
+              teacher_cols<decltype(masked)::value>(c0, c1, C, s.nbeta[i],
+                                                    static_cast<const acc_t* const*>(s.usrcs.data() + i * K),
+                                                    static_cast<const acc_t*>(s.beta.data() + i * K), s.cteach[i],
+                                                    s.gt[i], Ei, out, oo);
+            };
+            masked_row ? teach(std::true_type{}) : teach(std::false_type{});
           }
           if (s.wce[i] != acc_t(0) && y >= c0 && y < c1) out[y - oo] -= s.wce[i];
           if constexpr (!same_type) {
@@ -1094,7 +1140,7 @@ void jvp_impl(const Problem& pb, const JvpArgs& ja) {
           const acc_t* DZj = s.dz(j);
           acc_t* F = s.tmp.data();
           for (int64_t c = 0; c < Cp; c += V) (Vec<acc_t>::loadu(Ej + c) * Vec<acc_t>::loadu(DZj + c)).store(F + c);
-          dots(F, s.ptrs.data(), n + 1, Cp, x.data());
+          dots_zero_log_zero(static_cast<const acc_t*>(F), s.ptrs.data(), n + 1, Cp, x.data());
           ddiag[j] = x[n];
           for (int64_t t = 0; t < n; ++t) dd[s.idx[t]] = x[t];
         }

@@ -10,6 +10,11 @@
 //           the teacher term needs each pair's KL first: pass 2 then runs twice (KL, then grad).
 // The per-row losses are reduced over the batch by small deterministic kernels (no atomics), so
 // results are run-to-run identical.
+//
+// Masked classes (-inf logits, or u = z - max overflowing to -inf) follow 0 · log 0 = 0: they add
+// nothing to the sums of pass 1, and every product with p_j = 0 (or a teacher's p_i = 0) is skipped
+// rather than formed as 0 · (-inf) = NaN; what remains infinite is true (a class at -inf in the student
+// where the teacher has p_j > 0 gives KL = +inf). An exit with every class at -inf gives NaN.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -92,6 +97,7 @@ struct Stat {
 
 template <typename acc_t>
 __device__ __forceinline__ void stat_add(Stat<acc_t>& s, acc_t x, acc_t invT, bool want_b) {
+  if (x == neg_inf<acc_t>()) return;  // exp(-inf) = 0 (and x - s.m could be -inf - (-inf))
   if (x > s.m) {
     const acc_t d = s.m - x;  // -inf on the first element: exp(-inf) = 0
     s.a = s.a * dexp(d * invT) + acc_t(1);
@@ -299,7 +305,9 @@ __global__ void __launch_bounds__(kThreads)
           const acc_t* uj = su + spairs[2 * q + 1] * ld;
           const acc_t* ui = su + spairs[2 * q] * ld;
           acc_t acc = part[w];
-          for (int c = seg; c < n; c += nseg) acc += pj[c] * (uj[c] - ui[c]);
+          for (int c = seg; c < n; c += nseg) {
+            if (pj[c] != acc_t(0)) acc += pj[c] * (uj[c] - ui[c]);
+          }
           part[w] = acc;
         }
       }
@@ -312,9 +320,11 @@ __global__ void __launch_bounds__(kThreads)
             g += wce[i] * dexp(su[i * ld + c] - st_lns1[i]);
             if (c0 + c == y) g -= wce[i];
           }
-          if (teacher) {
+          if (teacher && sp[i * ld + c] != acc_t(0)) {
             acc_t v = cteach[i];
-            for (int s = 0; s < K; ++s) v += beta[i * K + s] * su[s * ld + c];
+            for (int s = 0; s < K; ++s) {
+              if (beta[i * K + s] != acc_t(0)) v += beta[i * K + s] * su[s * ld + c];
+            }
             g += skd * sp[i * ld + c] * v;
           }
           grad[(static_cast<int64_t>(i) * B + row) * C + c0 + c] = FromAcc<scalar_t>::cvt(g);
@@ -338,7 +348,7 @@ __global__ void __launch_bounds__(kThreads)
           if (spairs[2 * q + 1] != t) continue;
           const int si = spairs[2 * q];
           const acc_t w = kd_w[la.kd_w_rows ? (static_cast<int64_t>(si) * K + t) * B + row : si * K + t];
-          c += w * (st_lnsT[si] - st_lnsT[t] - kl[q]);
+          if (w != acc_t(0)) c += w * (st_lnsT[si] - st_lnsT[t] - kl[q]);  // a zero weight drops an infinite KL
         }
         cteach[t] = c;
       }
@@ -392,6 +402,7 @@ __global__ void __launch_bounds__(kThreads)
         if (full) {
           const acc_t *uj = su + j * ld, *ui = su + i * ld, *dzj = sdz + j * ld;
           for (int c = seg; c < n; c += nseg) {
+            if (pj[c] == acc_t(0)) continue;
             const acc_t d = pj[c] * (uj[c] - ui[c]);
             a1 += d * dzj[c];  // <p_j (u_j - u_i), dz_j>
             a2 += d;           // sum p_j (u_j - u_i)

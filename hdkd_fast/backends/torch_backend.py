@@ -18,12 +18,17 @@ The weighted objective :math:`L = \sum_k \alpha_k \mathrm{ce}_k + \sum_{ij} \gam
         \;[+\; T r_{kd}\, p_i \odot \textstyle\sum_s \gamma_{si} (\log p_i - \log p_s - \mathrm{KL}_{si})
         \text{ when the teacher is not detached}]
 
+Masked classes (``-inf`` logits) follow :math:`0 \log 0 = 0`: ``log p`` is kept finite (0 where
+``p = 0`` exactly) so that a class of probability 0 contributes nothing to a sum, and the KL is set to
+``+inf`` where the teacher puts mass on a class whose student log-probability is ``-inf``.
+
 Every function here is made of differentiable PyTorch ops, so the same code is the analytic fast
 path (under ``no_grad``) and the differentiable fallback used for double backward.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -44,8 +49,9 @@ def unavailable_reason(device: torch.device) -> str | None:
 class _Rows(NamedTuple):
     """Per-row quantities shared by the losses, the gradient and the JVP."""
 
-    logp: Tensor  # [K, B, C] log softmax(z / T)
+    logp: Tensor  # [K, B, C] log softmax(z / T), 0 where it is -inf (p = 0: 0 · log 0 = 0)
     p: Tensor  # [K, B, C] softmax(z / T)
+    off_support: Tensor  # [K, B, C] 1 where log softmax(z / T) = -inf, else 0
     logq: Tensor | None  # [K, B, C] log softmax(z), when a target is given
     valid: Tensor | None  # [B] rows whose label is not ignore_index
     label_index: Tensor | None  # [K, B, 1] label per row (0 on ignored rows), for gather / scatter
@@ -57,33 +63,58 @@ def _stack(logits: Tensor | Sequence[Tensor]) -> Tensor:
     return logits if isinstance(logits, Tensor) else torch.stack(tuple(logits))
 
 
+def row_scales(target: Tensor | None, ignore_index: int, reduction: str, batch: int,
+               dtype: torch.dtype) -> tuple[Tensor | float, float]:
+    """``(r_ce, r_kd)``, the row scales of the reduction: ``1 / max(#non-ignored rows, 1)`` and ``1 / B``
+    for ``"mean"``, else 1."""
+    if reduction != "mean":
+        return 1.0, 1.0
+    r_ce = 1.0 if target is None else 1.0 / (target != ignore_index).sum().clamp(min=1).to(dtype)
+    return r_ce, 1.0 / batch
+
+
+def reduce_rows(rows: Tensor, scale: Tensor | float, reduction: str) -> Tensor:
+    """Reduce the trailing row dimension: ``sum_b scale * rows[..., b]`` (``scale`` from :func:`row_scales`),
+    or the rows themselves for ``"none"``. Scaling before summing keeps a mean of finite rows finite."""
+    return rows if reduction == "none" else (rows * scale).sum(-1)
+
+
+def _scaled(z: Tensor, temperature: float) -> Tensor:
+    """``z / T``; for T < 1 from ``z - max_c z`` (softmax does not change), so that it cannot overflow."""
+    if temperature >= 1.0:
+        return z / temperature
+    return (z - z.amax(-1, keepdim=True).detach()) / temperature
+
+
 def _rows(z: Tensor, target: Tensor | None, temperature: float, ignore_index: int, reduction: str) -> _Rows:
     k, b, _ = z.shape
-    logp = torch.log_softmax(z / temperature, dim=-1)
-    p = logp.exp()
+    raw = torch.log_softmax(_scaled(z, temperature), dim=-1)
+    p = raw.exp()
+    off_support = torch.isneginf(raw)
+    logp = torch.where(off_support, 0.0, raw)
     logq = valid = label_index = None
-    r_ce: Tensor | float = 1.0
     if target is not None:
-        logq = logp if temperature == 1.0 else torch.log_softmax(z, dim=-1)
+        logq = raw if temperature == 1.0 else torch.log_softmax(z, dim=-1)
         valid = target != ignore_index
         label_index = torch.where(valid, target, 0).view(1, b, 1).expand(k, b, 1)
-        if reduction == "mean":
-            r_ce = 1.0 / valid.sum().clamp(min=1).to(z.dtype)
-    r_kd = 1.0 / b if reduction == "mean" else 1.0
-    return _Rows(logp, p, logq, valid, label_index, r_ce, r_kd)
+    r_ce, r_kd = row_scales(target, ignore_index, reduction, b, z.dtype)
+    return _Rows(logp, p, off_support.to(z.dtype), logq, valid, label_index, r_ce, r_kd)
 
 
-def _reduce(rows: Tensor, scale: Tensor | float, reduction: str) -> Tensor:
-    """Reduce the trailing row dimension: mean (row scale given), sum, or none."""
-    return rows if reduction == "none" else rows.sum(-1) * scale
+def _selected(rows: Tensor, m: Tensor) -> Tensor:
+    """Per-pair rows ``[K, K, B]`` kept on the selected pairs (``m``: ``[K, K]`` 0/1) and exactly 0
+    elsewhere, even where the row is infinite or NaN."""
+    return torch.where(m.unsqueeze(-1) != 0, rows, 0.0)
 
 
 def _pair_kl(r: _Rows) -> Tensor:
     """``KL[i, j, b] = sum_c p_j (log p_j - log p_i)`` for every pair, as one batched matmul (whose
-    diagonal, ``sum_c p_j log p_j``, is the negative entropy the KL needs)."""
+    diagonal, ``sum_c p_j log p_j``, is the negative entropy the KL needs); ``+inf`` where ``p_j`` puts
+    mass on a class with ``log p_i = -inf`` (a second batched matmul finds those)."""
     cross = torch.einsum("jbc,ibc->ijb", r.p, r.logp)  # sum_c p_j log p_i
     neg_entropy = cross.diagonal(dim1=0, dim2=1).transpose(0, 1)  # [K(j), B]
-    return neg_entropy.unsqueeze(0) - cross
+    lost = torch.einsum("jbc,ibc->ijb", r.p, r.off_support)  # mass of p_j where p_i = 0 exactly
+    return torch.where(lost > 0, math.inf, neg_entropy.unsqueeze(0) - cross)
 
 
 def _mix(w: Tensor, t: Tensor) -> Tensor:
@@ -123,11 +154,11 @@ def losses_and_grad(
     r = _rows(z, target, temperature, ignore_index, reduction)
     m = mask_tensor(mask, dtype=z.dtype, device=z.device)
     kl = _pair_kl(r)
-    kd = _reduce(temperature**2 * kl * m.unsqueeze(-1), r.r_kd, reduction)
+    kd = reduce_rows(_selected(temperature**2 * kl, m), r.r_kd, reduction)
     ce = None
     if r.logq is not None and r.label_index is not None and r.valid is not None:
-        nll = -r.logq.gather(-1, r.label_index).squeeze(-1) * r.valid
-        ce = _reduce(nll, r.r_ce, reduction)
+        nll = torch.where(r.valid, -r.logq.gather(-1, r.label_index).squeeze(-1), 0.0)
+        ce = reduce_rows(nll, r.r_ce, reduction)
     if not compute_grad:
         return ce, kd, None
 
@@ -142,12 +173,12 @@ def losses_and_grad(
         grad = _mix(scale * (eye * w.sum(1).unsqueeze(1) - w), r.p)
         if not detach_teacher:
             mixed_logp = _mix(w.transpose(0, 1), r.logp)
-            weighted_kl = (w * kl).sum(0)  # [K(j), B]
+            weighted_kl = torch.where(w != 0, w * kl, 0.0).sum(0)  # [K(j), B]; a zero weight drops an infinite KL
             teacher = r.p * (w.sum(0).unsqueeze(-1) * r.logp - mixed_logp - weighted_kl.unsqueeze(-1))
             grad = torch.add(grad, teacher, alpha=scale)
     if ce_weight is not None and r.logq is not None and r.label_index is not None and r.valid is not None:
         wc = (_expand_rows(ce_weight.to(z.dtype), 1) * r.valid * r.r_ce).unsqueeze(-1)  # [K, B, 1]
-        q = r.p if r.logq is r.logp else r.logq.exp()
+        q = r.p if temperature == 1.0 else r.logq.exp()
         grad = wc * q if grad is None else torch.addcmul(grad, wc, q)
         grad.scatter_add_(-1, r.label_index, -wc)  # − α r e_y on the label column (grad is a fresh tensor)
     if grad is None:
@@ -187,9 +218,9 @@ def jvp(
             - torch.einsum("ibc,jbc->ijb", r.logp, p_dz)  # <p_j log p_i, dz_j>
             - _pair_kl(r) * own.unsqueeze(0)  # KL_ij <p_j, dz_j>
         )
-    dkd = _reduce(rows * m.unsqueeze(-1), r.r_kd, reduction)
+    dkd = reduce_rows(_selected(rows, m), r.r_kd, reduction)
     dce = None
     if r.logq is not None and r.label_index is not None and r.valid is not None:
         ce_rows = (r.logq.exp() * dz).sum(-1) - dz.gather(-1, r.label_index).squeeze(-1)
-        dce = _reduce(ce_rows * r.valid, r.r_ce, reduction)
+        dce = reduce_rows(ce_rows * r.valid, r.r_ce, reduction)
     return dce, dkd

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .._pairs import PairMask, mask_tensor
 from .._validation import accumulation_dtype
+from .torch_backend import reduce_rows, row_scales
 
 NAME = "triton"
 
@@ -154,22 +155,6 @@ if _IMPORT_ERROR is None:
     _jvp_op.register_fake(_jvp_fake)
 
 
-def _reduce_ce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
-    if reduction == "none":
-        return rows
-    total = rows.sum(-1)
-    if reduction == "sum":
-        return total
-    return total / (target != ignore_index).sum().clamp(min=1).to(rows.dtype)
-
-
-def _reduce_kd(rows: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return rows
-    total = rows.sum(-1)
-    return total / rows.shape[-1] if reduction == "mean" else total
-
-
 def losses_and_grad(
     logits: Tensor | Sequence[Tensor],
     target: Tensor | None,
@@ -189,22 +174,20 @@ def losses_and_grad(
     x = tensors[0]
     acc = accumulation_dtype(x.dtype)
     m = mask_tensor(mask, dtype=acc, device=x.device)
+    r_ce, r_kd = row_scales(target, ignore_index, reduction, b, acc)
     ce_w = kd_w = None
     if compute_grad:
         if kd_weight is not None:
             w = kd_weight.to(acc)
-            scale = temperature / b if reduction == "mean" else temperature
-            kd_w = w * (m if w.dim() == 2 else m.unsqueeze(-1)) * scale
+            kd_w = w * (m if w.dim() == 2 else m.unsqueeze(-1)) * (temperature * r_kd)
         if ce_weight is not None and target is not None:
-            ce_w = ce_weight.to(acc)
-            if reduction == "mean":
-                ce_w = ce_w / (target != ignore_index).sum().clamp(min=1).to(acc)
+            ce_w = ce_weight.to(acc) * r_ce
     ce_rows, kd_rows, grad = _losses_op(
         tensors, target, ce_w, kd_w, m, float(temperature), bool(detach_teacher), int(ignore_index),
         bool(compute_grad),
     )
-    ce = _reduce_ce(ce_rows, target, ignore_index, reduction) if target is not None else None
-    return ce, _reduce_kd(kd_rows, reduction), (grad if compute_grad else None)
+    ce = reduce_rows(ce_rows, r_ce, reduction) if target is not None else None
+    return ce, reduce_rows(kd_rows, r_kd, reduction), (grad if compute_grad else None)
 
 
 def jvp(
@@ -220,10 +203,13 @@ def jvp(
 ) -> tuple[Tensor | None, Tensor]:
     """Same contract as :func:`hdkd_fast.backends.torch_backend.jvp`, in one kernel launch."""
     tensors = _as_list(logits)
+    _, b, _ = _geometry(tensors)
     x = tensors[0]
-    m = mask_tensor(mask, dtype=accumulation_dtype(x.dtype), device=x.device)
+    acc = accumulation_dtype(x.dtype)
+    m = mask_tensor(mask, dtype=acc, device=x.device)
+    r_ce, r_kd = row_scales(target, ignore_index, reduction, b, acc)
     dce_rows, dkd_rows = _jvp_op(
         tensors, _as_list(tangents), target, m, float(temperature), bool(detach_teacher), int(ignore_index)
     )
-    dce = _reduce_ce(dce_rows, target, ignore_index, reduction) if target is not None else None
-    return dce, _reduce_kd(dkd_rows, reduction)
+    dce = reduce_rows(dce_rows, r_ce, reduction) if target is not None else None
+    return dce, reduce_rows(dkd_rows, r_kd, reduction)
