@@ -21,6 +21,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from cli_helpers import expect_error
 from test_data import write_cifar10, write_cifar100
 
 from hdkd_fast.backends import available_backends
@@ -234,18 +235,6 @@ def test_cifar_run(dataset: str, write: object, folder: str, tmp_path: Path,
 
 
 # --- bad arguments and bad data: exit code 2 and one clear line ---------------------------------------------
-
-
-def expect_error(capsys: pytest.CaptureFixture[str], argv: list[str], *pieces: str) -> str:
-    """``main(argv)`` returns 2 and prints one line on stderr holding every piece; returns it."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"hdkd-fast {argv[0]}: error: "), err
-    for piece in pieces:
-        assert piece in err, (piece, err)
-    return err
 
 
 def test_unknown_method_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import expect_error
 from torch import nn
 
 from hdkd_fast.cli import main
@@ -30,18 +31,6 @@ FAST = ["--limit", "96", "--epochs", "1", "--batch-size", "32", "--device", "cpu
 
 def train(out: Path, *args: str) -> int:
     return main(["train", *FAST, "--out", str(out), *args])
-
-
-def expect_error(capsys: pytest.CaptureFixture[str], argv: list[str], *pieces: str) -> str:
-    """``main(argv)`` returns 2 and prints one line on stderr holding every piece; returns it."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"hdkd-fast {argv[0]}: error: "), err
-    for piece in pieces:
-        assert piece in err, (piece, err)
-    return err
 
 
 @pytest.fixture(scope="module")
