@@ -36,8 +36,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-import hdkd_fast as hk
-from hdkd_fast.backends import BACKENDS, _unavailable_reason
+from hdkd_fast.backends import available_backends, backend_names, runnable_backends
 from hdkd_fast.bench import liger_unavailable_reason, loss_function
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,10 +53,7 @@ ROUNDS = 20
 def backends(tiny: bool) -> list[str]:
     """The backends to time: those ``"auto"`` may pick on this device, plus, for the dry run on the CPU,
     ``"triton"`` when it runs under the Triton interpreter."""
-    names = hk.available_backends(DEVICE)
-    if tiny and "triton" not in names and _unavailable_reason("triton", DEVICE) is None:
-        names.append("triton")
-    return names
+    return (runnable_backends if tiny else available_backends)(DEVICE)
 
 
 def grid(tiny: bool) -> tuple[int, list[tuple[int, int, bool]], list[torch.dtype]]:
@@ -149,7 +145,7 @@ def estimated_bytes(impl: str, mode: str, k: int, b: int, c: int, dtype: torch.d
     row = b * c * 4  # one fp32 [B, C]
     if impl == "torch":
         return n * s * 2 + 8 * n * 4
-    if impl in BACKENDS:  # the fused ones: logits, gradient, per-row losses
+    if impl in backend_names():  # the fused ones: logits, gradient, per-row losses
         return n * s * (2 if fb else 1) + (64 << 20)
     if impl == "softmax_pass":
         return 2 * n * s

@@ -1,7 +1,8 @@
 """hdkd_fast: fused dense knowledge distillation for multi-exit networks.
 
 Public API (docs/design.md §Layers): :func:`dense_kd_losses`, :func:`dense_kd`, :class:`DenseKD`,
-:class:`KDLosses`, :class:`LossWeights`, :func:`available_backends`, and the readable baseline
+:class:`KDLosses`, :class:`LossWeights`, :func:`available_backends` (the backend registry:
+:mod:`hdkd_fast.backends`), and the readable baseline
 :class:`hdkd_fast.reference.DenseKD`. Subpackages: :mod:`hdkd_fast.models` (multi-exit networks),
 :mod:`hdkd_fast.inference` (early-exit inference), :mod:`hdkd_fast.evaluation` (anytime and
 budgeted accuracy, exit costs, plots), :mod:`hdkd_fast.bilevel` (:class:`HarmonizedWeights` and the
@@ -13,20 +14,19 @@ equilibrium, DBT), :mod:`hdkd_fast.data` (datasets of the training CLI) and :mod
 from . import bilevel, data, distill, evaluation, inference, models, reference
 from ._pairs import pair_mask
 from ._types import KDLosses, LossWeights
-from .backends import BACKENDS, available_backends
+from ._version import __version__
+from .backends import available_backends
 from .bilevel import HDKD, HarmonizedWeights
 from .functional import dense_kd, dense_kd_losses
 from .modules import DenseKD
 
-__version__ = "0.1.0"
-
 __all__ = [
-    "BACKENDS",
     "HDKD",
     "DenseKD",
     "HarmonizedWeights",
     "KDLosses",
     "LossWeights",
+    "__version__",
     "available_backends",
     "bilevel",
     "data",

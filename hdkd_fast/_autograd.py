@@ -24,7 +24,6 @@ Dynamo cannot trace a Function with a custom ``jvp``; under ``torch.compile`` th
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
@@ -32,7 +31,7 @@ from torch import Tensor
 
 from ._pairs import PairMask
 from ._validation import check_target_values
-from .backends import get_backend, torch_backend
+from .backends import Backend, get_backend, torch_backend
 
 
 class OpSpec(NamedTuple):
@@ -135,7 +134,7 @@ class DenseKDFunction(torch.autograd.Function):
 
 def _objective_grad(spec: OpSpec, target: Tensor | None, ce_weight: Tensor | None, kd_weight: Tensor | None,
                     g_loss: Tensor | None, g_ce: Tensor | None, g_kd: Tensor | None, logits: tuple[Tensor, ...],
-                    impl: ModuleType) -> Tensor:
+                    impl: Backend) -> Tensor:
     """Gradient w.r.t. the stacked logits of ``g_loss·loss + <g_ce, ce> + <g_kd, kd>``: one backend call
     with the objective weights ``g_loss·weight + g``."""
     rows = spec.reduction == "none"
@@ -168,7 +167,8 @@ def _differentiable_grad_map(ctx: Any) -> tuple[list[Tensor], Callable[..., Tens
         for i, v in zip(present, values, strict=True):
             full[i] = v
         ce_w, kd_w, g_loss, g_ce, g_kd, *logits = full
-        return _objective_grad(spec, target, ce_w, kd_w, g_loss, g_ce, g_kd, tuple(logits), torch_backend)  # type: ignore[arg-type]
+        exits = tuple(t for t in logits if t is not None)  # the logits are always present
+        return _objective_grad(spec, target, ce_w, kd_w, g_loss, g_ce, g_kd, exits, torch_backend)
 
     return [inputs[i] for i in present], grad_map, present, len(inputs)
 
@@ -238,7 +238,7 @@ class LogitsGradFunctionWithJvp(LogitsGradFunction):
         return tangent_out
 
 
-def _backend_jvp(spec: OpSpec, target: Tensor | None, tensors: tuple[Tensor, ...], impl: ModuleType
+def _backend_jvp(spec: OpSpec, target: Tensor | None, tensors: tuple[Tensor, ...], impl: Backend
                  ) -> tuple[Tensor, Tensor]:
     """``(d_ce, d_kd)`` of one backend's JVP; ``tensors`` = the logits followed by their tangents."""
     n = len(tensors) // 2

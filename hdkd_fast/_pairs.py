@@ -54,3 +54,8 @@ def pair_mask(pairs: PairSpec, num_exits: int, *, detach_teacher: bool = True) -
 def mask_tensor(mask: PairMask, *, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The mask as a ``Tensor[K, K]`` of 0/1 in ``dtype`` on ``device``."""
     return torch.tensor(mask, dtype=dtype, device=device)
+
+
+def selected_pairs(mask: PairMask) -> tuple[tuple[int, int], ...]:
+    """The selected ``(student i, teacher j)`` pairs of ``mask`` in row-major order."""
+    return tuple((i, j) for i, row in enumerate(mask) for j, on in enumerate(row) if on)

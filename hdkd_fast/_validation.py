@@ -114,6 +114,12 @@ def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> 
         )
 
 
+def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
+
+
 def check_count(value: object, name: str, minimum: int = 1) -> int:
     """An int (not a bool) ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .backends import BACKENDS
+from .backends import backend_choices
 from .bilevel.hdkd import VALIDATION_OBJECTIVES
 from .bilevel.hypergrad import HYPERGRAD_MODES
 from .data.load import DATASETS, IDX_DATASETS
@@ -97,7 +97,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=AMP_MODES, default=d.amp, help="bf16 autocast: auto = on CUDA only")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on CUDA only")
-    p.add_argument("--backend", choices=("auto", *BACKENDS), default=d.backend,
+    p.add_argument("--backend", choices=backend_choices(), default=d.backend,
                    help="backend of the fused dense-KD op")
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes (image folders)")
     g = p.add_argument_group("hdkd (harmonized weights)")

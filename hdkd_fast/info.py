@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from . import __version__
 from ._ext_loader import CACHE_ENV, cache_root
-from .backends import _AUTO_ORDER, BACKENDS, _unavailable_reason
+from ._version import __version__
+from .backends import auto_order, backend_names, unavailable_reason
 from .backends import native_backend as _native
 
 
@@ -52,8 +52,8 @@ def collect() -> dict[str, Any]:
             })
         devices.append(torch.device("cuda"))
     for dev in devices:
-        unavailable = {name: reason for name in BACKENDS if (reason := _reason(name, dev, info["extension"]))}
-        order = _AUTO_ORDER.get(dev.type, ("torch",))
+        unavailable = {name: reason for name in backend_names() if (reason := _reason(name, dev, info["extension"]))}
+        order = auto_order(dev)
         info["backends"][dev.type] = {
             "available": [name for name in order if name not in unavailable],
             "after_build": [name for name in order if name not in unavailable or name == _native.NAME],
@@ -66,7 +66,7 @@ def _reason(name: str, device: torch.device, extension: dict[str, Any]) -> str |
     """Why backend ``name`` cannot run on ``device`` (without building the extension)."""
     if name == _native.NAME and extension["pending"]:
         return str(extension["detail"])
-    return _unavailable_reason(name, device)
+    return unavailable_reason(name, device)
 
 
 def format_info(info: dict[str, Any]) -> str:

@@ -204,12 +204,10 @@ class Check:
     def backends(self) -> list[str]:
         import torch
 
-        from hdkd_fast.backends import _unavailable_reason, available_backends
+        from hdkd_fast.backends import available_backends, runnable_backends
 
-        names = available_backends(torch.device(self.device_type))
-        if self.dry and "triton" not in names and _unavailable_reason("triton", torch.device("cpu")) is None:
-            names.append("triton")  # the interpreter: part of the dry run, never of "auto" on the CPU
-        return names
+        # the dry run adds what runs only when named (Triton under the interpreter, never "auto" on the CPU)
+        return (runnable_backends if self.dry else available_backends)(torch.device(self.device_type))
 
     def run(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,8 @@ from types import ModuleType
 
 import pytest
 import torch
+from cifar_files import write_cifar10, write_cifar100
 from cli_helpers import expect_error
-from test_data import write_cifar10, write_cifar100
 
 from hdkd_fast.backends import available_backends
 from hdkd_fast.cli import main

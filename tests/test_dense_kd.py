@@ -15,11 +15,8 @@ from torch.testing import assert_close
 
 import hdkd_fast as hk
 from hdkd_fast._validation import TEMPERATURE_RANGE
-from hdkd_fast.backends import BACKENDS as BACKEND_NAMES
-from hdkd_fast.backends import get_backend
 
 F64 = {"rtol": 1e-10, "atol": 1e-12}
-BACKENDS = hk.available_backends("cpu")  # "torch", plus "native" where the extension is built
 K_VALUES = (1, 2, 3, 5, 9)
 C_VALUES = (2, 7, 100, 1001)
 T_VALUES = (1.0, 2.5, 4.0)
@@ -58,11 +55,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("detach_teacher", [True, False])
 @pytest.mark.parametrize(("k", "pairs", "reduction", "c", "t"), CASES)
-def test_losses_and_gradients_match_float64_reference(k, pairs, reduction, c, t, detach_teacher, backend):
+def test_losses_and_gradients_match_float64_reference(k, pairs, reduction, c, t, detach_teacher, backend,
+                                                      max_classes):
     seed = stable_seed(k, pairs, reduction, c, t, detach_teacher)
+    c = min(c, max_classes or c)
     z, y = draw(k, 5, c, seed=seed)
     if pairs == "random":
         pairs = random_mask(k, seed, upper=detach_teacher)
@@ -86,9 +84,9 @@ def test_losses_and_gradients_match_float64_reference(k, pairs, reduction, c, t,
 @pytest.mark.parametrize(("k", "c", "t", "pairs"), [(1, 7, 2.5, "dense"), (3, 2, 1.0, "last"), (5, 100, 4.0, "dense"),
                                                      (9, 1001, 2.5, "adjacent"), (4, 33, 4.0, "random")])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_jvp_matches_float64_reference(k, c, t, pairs, detach_teacher, reduction, backend):
+def test_jvp_matches_float64_reference(k, c, t, pairs, detach_teacher, reduction, backend, max_classes):
     seed = stable_seed(k, c, t, pairs, detach_teacher, reduction)
+    c = min(c, max_classes or c)
     z, y = draw(k, 7, c, seed=seed, ignored=2)
     dz = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
     if pairs == "random":
@@ -101,7 +99,6 @@ def test_jvp_matches_float64_reference(k, c, t, pairs, detach_teacher, reduction
     assert_close(tan[1], tan_ref[1], **F64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("detach_teacher", [True, False])
 @pytest.mark.parametrize("with_target", [True, False])
 def test_weighted_loss_gradients_and_weight_gradients(detach_teacher, with_target, backend):
@@ -388,24 +385,8 @@ def test_hessian_forward_over_reverse_matches_reference():
 
 # ---- masked classes and extreme values: every backend that runs here, Triton under the interpreter ----
 
-def _runs_here(name: str) -> bool:
-    try:
-        return get_backend(name).unavailable_reason(torch.device("cpu")) is None
-    except RuntimeError:  # not part of this installation
-        return False
-
-
-EVERY_BACKEND = [name for name in BACKEND_NAMES if _runs_here(name)]
 NEG_INF = float("-inf")
 TOL = {torch.float64: F64, torch.float32: {"rtol": 2e-5, "atol": 2e-5}}
-
-
-@pytest.fixture(params=EVERY_BACKEND)
-def any_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each backend in turn; Triton with 16-column blocks, so that C = 37 spans three of them."""
-    if request.param == "triton":
-        monkeypatch.setenv("HDKD_FAST_TRITON_BLOCK_C", "16")
-    return request.param
 
 
 def masked_draw(k: int, b: int, c: int, *, seed: int, dtype: torch.dtype, exits: list[int]):
@@ -432,14 +413,14 @@ def _objectives(backend: str, pairs, opts: dict):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("detach_teacher", [True, False])
 @pytest.mark.parametrize("where", ["every exit", "teacher only"])
-def test_masked_classes_follow_zero_log_zero(any_backend, where, detach_teacher, dtype):
+def test_masked_classes_follow_zero_log_zero(backend, where, detach_teacher, dtype):
     """-inf logits in every exit, or only in the last exit (a teacher, never a student, of the dense
     pairs): every loss, gradient (random cotangents) and JVP is finite and matches the reference."""
     k, b, c = 3, 4, 37
     z, y, _ = masked_draw(k, b, c, seed=stable_seed(where, detach_teacher), dtype=dtype,
                           exits=list(range(k)) if where == "every exit" else [k - 1])
     opts = dict(temperature=2.5, detach_teacher=detach_teacher, reduction="mean")
-    fn = _objectives(any_backend, "dense", opts)
+    fn = _objectives(backend, "dense", opts)
     ref = lambda x: R.losses(x, y, mask=R.masks(k)["dense"], **opts)  # noqa: E731
     x, x64 = z.clone().requires_grad_(), z.double().requires_grad_()
     got, want = fn(x, y), ref(x64)
@@ -461,7 +442,7 @@ def test_masked_classes_follow_zero_log_zero(any_backend, where, detach_teacher,
 
 
 @pytest.mark.parametrize("detach_teacher", [True, False])
-def test_class_masked_only_in_the_student_gives_infinite_kl(any_backend, detach_teacher):
+def test_class_masked_only_in_the_student_gives_infinite_kl(backend, detach_teacher):
     """-inf in exit 0 only, where its teachers have probability > 0: KL(p_j || p_0) = +inf (the true
     value); a zero weight on those pairs (a backward cotangent, or kd_weight) leaves every gradient
     finite and equal to the reference without those pairs."""
@@ -469,7 +450,7 @@ def test_class_masked_only_in_the_student_gives_infinite_kl(any_backend, detach_
     z, y, _ = masked_draw(k, b, c, seed=5, dtype=torch.float64, exits=[0])
     opts = dict(temperature=2.5, detach_teacher=detach_teacher)
     x, x64 = z.clone().requires_grad_(), z.clone().requires_grad_()
-    got = hk.dense_kd_losses(x, y, backend=any_backend, **opts)
+    got = hk.dense_kd_losses(x, y, backend=backend, **opts)
     want = R.losses(z, y, mask=R.masks(k)["dense"], **opts)
     assert torch.isposinf(got.kd[0, 1:]).all() and torch.isfinite(got.kd[1:]).all()
     assert_close(got.ce, want[0], **F64)
@@ -482,23 +463,23 @@ def test_class_masked_only_in_the_student_gives_infinite_kl(any_backend, detach_
     assert torch.isfinite(grad_ref).all()
     (grad,) = torch.autograd.grad((got.ce, got.kd), x, (torch.ones(k, dtype=torch.float64), kd_weight))
     assert_close(grad, grad_ref, **F64)
-    (grad,) = torch.autograd.grad(hk.dense_kd(x, y, kd_weight=kd_weight, backend=any_backend, **opts), x)
+    (grad,) = torch.autograd.grad(hk.dense_kd(x, y, kd_weight=kd_weight, backend=backend, **opts), x)
     assert_close(grad, grad_ref, **F64)  # the weighted loss itself is 0 · inf = NaN
 
 
-def test_label_on_a_masked_class_gives_infinite_ce(any_backend):
+def test_label_on_a_masked_class_gives_infinite_ce(backend):
     """CE = +inf where the label's class is -inf (in the last exit, a teacher only: every KL finite);
     the gradient of the weighted loss, softmax - onehot for that CE, stays finite."""
     k, b, c = 3, 4, 37
     z, y, masked = masked_draw(k, b, c, seed=9, dtype=torch.float64, exits=[k - 1])
     y[2] = int(masked[2].nonzero()[0])
-    got = hk.dense_kd_losses(z, y, backend=any_backend)
+    got = hk.dense_kd_losses(z, y, backend=backend)
     want = R.losses(z, y, temperature=4.0, mask=R.masks(k)["dense"])
     assert torch.isposinf(got.ce[-1]) and torch.isfinite(got.ce[:-1]).all() and torch.isfinite(got.kd).all()
     assert_close(got.ce, want[0], **F64)
     assert_close(got.kd, want[1], **F64)
     x, x64 = z.clone().requires_grad_(), z.clone().requires_grad_()
-    loss = hk.dense_kd(x, y, backend=any_backend)
+    loss = hk.dense_kd(x, y, backend=backend)
     ref = R.weighted(x64, y, torch.ones(k), torch.ones(k, k), temperature=4.0, mask=R.masks(k)["dense"])
     assert torch.isposinf(loss) and torch.isposinf(ref)
     (grad,) = torch.autograd.grad(loss, x)
@@ -507,14 +488,14 @@ def test_label_on_a_masked_class_gives_infinite_ce(any_backend):
     assert_close(grad, grad_ref, **F64)
 
 
-def test_exit_with_every_class_masked_gives_nan(any_backend):
+def test_exit_with_every_class_masked_gives_nan(backend):
     """A row in which every class of exit 1 is -inf has no softmax: exactly the objectives that involve
     exit 1 are NaN (as in the reference and torch.log_softmax), the others unaffected."""
     k, c = 3, 37
     z, y = draw(k, 4, c, seed=3)
     z[1, 2] = NEG_INF
     got = hk.dense_kd_losses(z, y, pairs=torch.ones(k, k, dtype=torch.bool).fill_diagonal_(False),
-                             detach_teacher=False, backend=any_backend)
+                             detach_teacher=False, backend=backend)
     want = R.losses(z, y, temperature=4.0, mask=[[i != j for j in range(k)] for i in range(k)])
     involves_1 = torch.zeros(k, k, dtype=torch.bool)
     involves_1[1, [0, 2]] = involves_1[[0, 2], 1] = True
@@ -524,7 +505,7 @@ def test_exit_with_every_class_masked_gives_nan(any_backend):
 
 
 @pytest.mark.parametrize("temperature", [0.5, 4.0])
-def test_huge_finite_logits(any_backend, temperature):
+def test_huge_finite_logits(backend, temperature):
     """Logits of magnitude 1.8e38: z - max overflows float32 to -inf, z / T too for T < 1. Per row, exit
     k puts 1.8e38 on the first K - k classes of a random set and -1.8e38 elsewhere, so the softmaxes are
     uniform on nested sets: KL(p_j || p_i) = log(|S_i| / |S_j|), CE = log |S_k| (labels in the smallest
@@ -539,7 +520,7 @@ def test_huge_finite_logits(any_backend, temperature):
             z[e, r, top[: k - e]] = big
         y[r] = top[0]
     x, x64 = z.clone().requires_grad_(), z.double().requires_grad_()
-    got = hk.dense_kd_losses(x, y, temperature=temperature, backend=any_backend)
+    got = hk.dense_kd_losses(x, y, temperature=temperature, backend=backend)
     want = R.losses(x64, y, temperature=temperature, mask=R.masks(k)["dense"])
     assert_close(got.ce.double(), want[0].detach(), **TOL[torch.float32])
     assert_close(got.kd.double(), want[1].detach(), **TOL[torch.float32])
@@ -548,17 +529,17 @@ def test_huge_finite_logits(any_backend, temperature):
     assert_close(grad.double(), grad_ref, **TOL[torch.float32])
 
 
-def test_temperature_range(any_backend):
+def test_temperature_range(backend):
     """Temperatures just outside TEMPERATURE_RANGE are rejected; at its bounds every backend matches
     the float64 reference."""
     low, high = TEMPERATURE_RANGE
     z, y = draw(3, 4, 37, seed=13)
     for t in (low * 0.99, high * 1.01):
         with pytest.raises(ValueError, match="temperature"):
-            hk.dense_kd_losses(z, y, temperature=t, backend=any_backend)
+            hk.dense_kd_losses(z, y, temperature=t, backend=backend)
     for t in (low, high):
         x, x64 = z.clone().requires_grad_(), z.clone().requires_grad_()
-        got = hk.dense_kd_losses(x, y, temperature=t, backend=any_backend)
+        got = hk.dense_kd_losses(x, y, temperature=t, backend=backend)
         want = R.losses(x64, y, temperature=t, mask=R.masks(3)["dense"])
         assert_close(got.kd, want[1], rtol=1e-8, atol=1e-12)
         (grad,) = torch.autograd.grad(got.kd.sum(), x)
@@ -567,7 +548,7 @@ def test_temperature_range(any_backend):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_batch_reduction_of_huge_rows(any_backend, reduction):
+def test_batch_reduction_of_huge_rows(backend, reduction):
     """Per-row CE and KD near 1e37 in float32 over 64 rows: their sum overflows (inf, the true value for
     reduction="sum"), their mean must not."""
     k, b, c, big = 2, 64, 5, 1e37
@@ -575,7 +556,7 @@ def test_batch_reduction_of_huge_rows(any_backend, reduction):
     z[0, :, 0] = -big  # the student's label class, where the teacher puts all its mass
     z[1, :, 1:] = -big
     y = torch.zeros(b, dtype=torch.long)
-    got = hk.dense_kd_losses(z, y, temperature=2.0, reduction=reduction, backend=any_backend)
+    got = hk.dense_kd_losses(z, y, temperature=2.0, reduction=reduction, backend=backend)
     want = R.losses(z, y, temperature=2.0, mask=R.masks(k)["dense"], reduction=reduction)
     if reduction == "sum":
         assert torch.isposinf(got.ce[0]) and torch.isposinf(got.kd[0, 1])
@@ -585,13 +566,13 @@ def test_batch_reduction_of_huge_rows(any_backend, reduction):
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
-def test_narrow_integer_labels(any_backend, dtype):
+def test_narrow_integer_labels(backend, dtype):
     """Labels of any integer dtype give exactly the int64 results (int8 / int16 / int32 with an ignored
     row: -100 fits them)."""
     z, y = draw(3, 5, 7, seed=4, ignored=0 if dtype == torch.uint8 else 1)
     x, x64 = z.clone().requires_grad_(), z.clone().requires_grad_()
-    got = hk.dense_kd_losses(x, y.to(dtype), backend=any_backend)
-    want = hk.dense_kd_losses(x64, y, backend=any_backend)
+    got = hk.dense_kd_losses(x, y.to(dtype), backend=backend)
+    want = hk.dense_kd_losses(x64, y, backend=backend)
     assert torch.equal(got.ce, want.ce) and torch.equal(got.kd, want.kd)
     (grad,) = torch.autograd.grad(got.ce.sum(), x)
     (grad_64,) = torch.autograd.grad(want.ce.sum(), x64)

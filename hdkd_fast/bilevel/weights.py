@@ -11,15 +11,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .._pairs import PairMask, PairSpec, pair_mask
+from .._pairs import PairMask, PairSpec, pair_mask, selected_pairs
 from .._types import KDLosses, LossWeights
 
 PARAMETERIZATIONS = ("softmax", "softplus", "fixed")
-
-
-def selected_pairs(mask: PairMask) -> tuple[tuple[int, int], ...]:
-    """The selected ``(student i, teacher j)`` pairs of ``mask`` in row-major order."""
-    return tuple((i, j) for i, row in enumerate(mask) for j, on in enumerate(row) if on)
 
 
 class HarmonizedWeights(nn.Module):

@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._pairs import PairSpec, pair_mask
+from .._pairs import PairSpec, pair_mask, selected_pairs
 from .._validation import Logits, accumulation_dtype, check_ignore_index, check_logits, check_temperature
-from ..bilevel.weights import selected_pairs
 from ..functional import dense_kd
 from ._checks import check_backend, check_count, check_nonnegative
 

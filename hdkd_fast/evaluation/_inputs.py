@@ -8,11 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-LogitsArg = Tensor | Sequence[Tensor]
-"""``Tensor[K, N, C]`` or a sequence of K ``Tensor[N, C]``."""
+from .._validation import Logits
 
 
-def exit_logits(logits: LogitsArg, name: str) -> list[Tensor]:
+def exit_logits(logits: Logits, name: str) -> list[Tensor]:
     """The K exits' ``[N, C]`` logits (views of a stacked tensor; no copy), checked for shape and finiteness."""
     if isinstance(logits, Tensor):
         if logits.dim() != 3:

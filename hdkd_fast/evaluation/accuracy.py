@@ -30,8 +30,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._validation import Logits
 from ..inference import Criterion, check_criterion, confidence, signed_threshold
-from ._inputs import LogitsArg, exit_logits, labels, per_exit_values
+from ._inputs import exit_logits, labels, per_exit_values
 
 BUDGET_PROTOCOLS: dict[str, int] = {"imta": 40, "msdnet": 39}
 """The published q sweeps of the budgeted evaluation, by name: q = p/20 for p = 1 … the value. ``"imta"``
@@ -59,7 +60,7 @@ class BudgetCurve(NamedTuple):
     q: Tensor  # [P] the geometric ratios
 
 
-def anytime_accuracy(logits: LogitsArg, y: Tensor) -> AnytimeAccuracy:
+def anytime_accuracy(logits: Logits, y: Tensor) -> AnytimeAccuracy:
     """Top-1 and top-5 accuracy of every exit: ``acc_k = mean_i [y_i ∈ top-n(z_k(x_i))]``, n = 1, 5.
 
     Args:
@@ -75,9 +76,9 @@ def anytime_accuracy(logits: LogitsArg, y: Tensor) -> AnytimeAccuracy:
 
 
 def budgeted_accuracy(
-    val_logits: LogitsArg,
+    val_logits: Logits,
     val_y: Tensor,
-    test_logits: LogitsArg,
+    test_logits: Logits,
     test_y: Tensor,
     costs: Sequence[float] | Tensor,
     criterion: Criterion = "maxprob",

@@ -135,12 +135,6 @@ def check_num_classes(num_classes: object) -> int:
     return int(num_classes)
 
 
-def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
-    """``value`` must be one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
-
-
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Put ``module`` (and every submodule) in eval mode; restore each one's own mode on exit."""

@@ -28,7 +28,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .base import StagedMultiExit, check_choice, check_num_classes, init_conv_bn_linear
+from .._validation import check_choice
+from .base import StagedMultiExit, check_num_classes, init_conv_bn_linear
 
 Stem = Literal["cifar", "imagenet"]
 

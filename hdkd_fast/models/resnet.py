@@ -13,7 +13,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from .base import PoolLinearHead, StagedMultiExit, check_choice, check_num_classes, init_conv_bn_linear
+from .._validation import check_choice
+from .base import PoolLinearHead, StagedMultiExit, check_num_classes, init_conv_bn_linear
 
 
 class BasicBlock(nn.Module):

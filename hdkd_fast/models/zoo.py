@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import MultiExitModule, check_choice, check_num_classes
+from .._validation import check_choice
+from .base import MultiExitModule, check_num_classes
 from .msdnet import MSDNet
 from .resnet import MultiExitResNet
 

@@ -11,13 +11,12 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._validation import check_count, check_nonnegative, check_positive
-from ..backends import BACKENDS
+from .._validation import check_choice, check_count, check_nonnegative, check_positive
+from ..backends import backend_choices
 from ..bilevel.hdkd import VALIDATION_OBJECTIVES
 from ..bilevel.hypergrad import HYPERGRAD_MODES
 from ..data.load import IDX_DATASETS
 from ..evaluation import BUDGET_PROTOCOLS, DEFAULT_BUDGET_PROTOCOL
-from ..models.base import check_choice
 
 METHODS = ("ce", "dbt", "dkd", "hdkd", "ekd", "erde", "dkd-uncertainty")
 """Training methods; see :mod:`hdkd_fast.training.methods`."""
@@ -113,7 +112,7 @@ class TrainConfig:
         check_choice(self.validation, "validation", VALIDATION_OBJECTIVES)
         check_choice(self.dbt_schedule, "dbt_schedule", DBT_SCHEDULES)
         check_choice(self.budget_protocol, "budget_protocol", tuple(BUDGET_PROTOCOLS))
-        check_choice(self.backend, "backend", ("auto", *BACKENDS))
+        check_choice(self.backend, "backend", backend_choices())
         check_count(self.batch_size, "batch_size", minimum=2)  # BatchNorm trains on two samples or more
         check_count(self.update_every, "update_every")
         for name in ("epochs", "limit"):
