@@ -33,51 +33,62 @@ class LogitsInfo(NamedTuple):
     dtype: torch.dtype
     device: torch.device
 
+    def exits(self) -> list[Tensor]:
+        """The K exits' ``[B, C]`` logits (views of a stacked tensor: no copy)."""
+        return list(self.tensors[0].unbind(0)) if self.stacked else list(self.tensors)
 
-def check_logits(logits: Logits) -> LogitsInfo:
-    """Validate ``logits`` (rank, agreement of the exits in B, C, dtype and device)."""
+
+def check_logits(logits: object, name: str = "logits", *, num_exits: int | None = None,
+                 finite: bool = False) -> LogitsInfo:
+    """Validate K exits' logits, ``Tensor[K, B, C]`` or a sequence of K ``Tensor[B, C]``: rank, a
+    floating dtype, agreement of the exits in B, C, dtype and device, K = ``num_exits`` when given, and
+    with ``finite=True`` no NaN or infinity (one host sync). Every error names ``name``. The one logits
+    checker of the package: the loss API, the distillation losses, the evaluation and the bilevel step
+    (``name="model(x)"``) all call it."""
+    expected = f"{name} must be a Tensor[K, B, C] or a sequence of K Tensor[B, C]"
     if isinstance(logits, Tensor):
         if logits.dim() != 3:
-            raise ValueError(
-                "logits must be a Tensor[K, B, C] or a sequence of K Tensor[B, C]; "
-                f"got a {logits.dim()}-D tensor of shape {list(logits.shape)}"
-            )
-        _check_float(logits, "logits")
+            raise ValueError(f"{expected}; got a {logits.dim()}-D tensor of shape {list(logits.shape)}")
+        _check_float(logits, name)
         k, b, c = logits.shape
         tensors: tuple[Tensor, ...] = (logits,)
         stacked = True
     elif isinstance(logits, Sequence) and not isinstance(logits, (str, bytes)):
         tensors = tuple(logits)
         if not tensors:
-            raise ValueError("logits must hold at least one exit (K >= 1); got an empty sequence")
+            raise ValueError(f"{name} must hold at least one exit (K >= 1); got an empty sequence")
         for k_, t in enumerate(tensors):
             if not isinstance(t, Tensor):
-                raise TypeError(f"logits[{k_}] must be a Tensor; got {type(t).__name__}")
+                raise TypeError(f"{name}[{k_}] must be a Tensor; got {type(t).__name__}")
             if t.dim() != 2:
-                raise ValueError(f"logits[{k_}] must be a Tensor[B, C]; got shape {list(t.shape)}")
-            _check_float(t, f"logits[{k_}]")
+                raise ValueError(f"{name}[{k_}] must be a Tensor[B, C]; got shape {list(t.shape)}")
+            _check_float(t, f"{name}[{k_}]")
         first = tensors[0]
         for k_, t in enumerate(tensors[1:], start=1):
             if t.shape != first.shape:
                 raise ValueError(
-                    f"logits[{k_}] has shape {list(t.shape)} but logits[0] has {list(first.shape)}: "
+                    f"{name}[{k_}] has shape {list(t.shape)} but {name}[0] has {list(first.shape)}: "
                     "every exit must share B and C"
                 )
             if t.dtype != first.dtype:
-                raise TypeError(f"logits[{k_}] has dtype {t.dtype} but logits[0] has {first.dtype}")
+                raise TypeError(f"{name}[{k_}] has dtype {t.dtype} but {name}[0] has {first.dtype}")
             if t.device != first.device:
-                raise ValueError(f"logits[{k_}] is on {t.device} but logits[0] is on {first.device}")
+                raise ValueError(f"{name}[{k_}] is on {t.device} but {name}[0] is on {first.device}")
         k = len(tensors)
         b, c = first.shape
         stacked = False
     else:
-        raise TypeError(
-            f"logits must be a Tensor[K, B, C] or a sequence of K Tensor[B, C]; got {type(logits).__name__}"
-        )
+        raise TypeError(f"{expected}; got {type(logits).__name__}")
     if k < 1:
-        raise ValueError("logits must hold at least one exit (K >= 1); got K = 0")
+        raise ValueError(f"{name} must hold at least one exit (K >= 1); got K = 0")
     if b < 1 or c < 1:
-        raise ValueError(f"logits must have B >= 1 rows and C >= 1 classes; got B = {b}, C = {c}")
+        raise ValueError(f"{name} must have B >= 1 rows and C >= 1 classes; got B = {b}, C = {c}")
+    if num_exits is not None and k != num_exits:
+        raise ValueError(f"{name} holds {k} exits but num_exits={num_exits}")
+    if finite:
+        for k_, t in enumerate(tensors):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}{'' if stacked else f'[{k_}]'} holds non-finite values")
     return LogitsInfo(tensors, stacked, int(k), int(b), int(c), tensors[0].dtype, tensors[0].device)
 
 

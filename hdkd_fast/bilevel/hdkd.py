@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .._distributed import all_reduce_mean
 from .._pairs import pair_mask
-from .._validation import Logits
+from .._validation import Logits, check_logits
 from ..modules import DenseKD
 from .hypergrad import HYPERGRAD_MODES, Hypergradient, ObjectiveSpec, inner_rules, weight_hypergradient
 from .weights import HarmonizedWeights
@@ -30,22 +30,8 @@ DEFAULT_WEIGHT_LR = 1e-3
 
 
 def model_logits(output: Any, num_exits: int) -> Logits:
-    """Check that a model output is K logits: ``Tensor[K, B, C]`` or a list/tuple of K ``Tensor[B, C]``."""
-    if isinstance(output, Tensor):
-        if output.dim() != 3:
-            raise ValueError(f"model(x) must return Tensor[K, B, C] or K Tensor[B, C]; got shape {list(output.shape)}")
-        k = output.shape[0]
-    elif isinstance(output, (list, tuple)):
-        for i, t in enumerate(output):
-            if not isinstance(t, Tensor) or t.dim() != 2:
-                what = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise TypeError(f"model(x)[{i}] must be a logits Tensor[B, C]; got {what}")
-        k = len(output)
-    else:
-        raise TypeError(
-            f"model(x) must return Tensor[K, B, C] or a list of K Tensor[B, C]; got {type(output).__name__}")
-    if k != num_exits:
-        raise ValueError(f"model(x) returned {k} exits but the weights were built for num_exits={num_exits}")
+    """``output`` (a model's), checked to be ``num_exits`` exits' logits (see :func:`check_logits`)."""
+    check_logits(output, "model(x)", num_exits=num_exits)
     return output
 
 

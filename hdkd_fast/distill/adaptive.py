@@ -19,9 +19,17 @@ import torch
 from torch import Tensor, nn
 
 from .._pairs import PairSpec, pair_mask, selected_pairs
-from .._validation import Logits, accumulation_dtype, check_ignore_index, check_logits, check_temperature
+from .._validation import (
+    Logits,
+    accumulation_dtype,
+    check_count,
+    check_ignore_index,
+    check_logits,
+    check_nonnegative,
+    check_temperature,
+)
+from ..backends import check_backend
 from ..functional import dense_kd
-from ._checks import check_backend, check_count, check_nonnegative
 
 
 class AdaptivePathWeighting(nn.Module):

@@ -23,9 +23,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .._validation import Logits, accumulation_dtype, check_ignore_index, check_logits, check_temperature
+from .._validation import (
+    Logits,
+    accumulation_dtype,
+    check_ignore_index,
+    check_logits,
+    check_nonnegative,
+    check_temperature,
+)
+from ..backends import check_backend
 from ..modules import DenseKD
-from ._checks import check_backend, check_nonnegative
 
 ATTENTION_REDUCTIONS = ("mean", "sum", "none")
 _NORM_EPS = 1e-12  # F.normalize's floor on the norm: an all-zero map stays zero instead of becoming NaN

@@ -16,9 +16,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validation import accumulation_dtype, check_ignore_index, check_temperature
+from .._validation import (
+    accumulation_dtype,
+    check_count,
+    check_ignore_index,
+    check_logits,
+    check_nonnegative,
+    check_temperature,
+)
+from ..backends import check_backend
 from ..functional import dense_kd_losses
-from ._checks import as_exit_list, check_backend, check_count, check_nonnegative
 
 
 def match_exits(num_student: int, num_teacher: int) -> list[int]:
@@ -127,8 +134,8 @@ class ERDELoss(nn.Module):
     def forward(
         self, student_logits: Tensor | Sequence[Tensor], teacher_logits: Tensor | Sequence[Tensor], target: Tensor
     ) -> Tensor:
-        student = as_exit_list(student_logits, "student_logits")
-        teacher = as_exit_list(teacher_logits, "teacher_logits")
+        student = check_logits(student_logits, "student_logits").exits()
+        teacher = check_logits(teacher_logits, "teacher_logits").exits()
         ks, kt = self.num_student_exits, self.num_teacher_exits
         if len(student) != ks:
             raise ValueError(f"student_logits hold {len(student)} exits but this ERDELoss was built for {ks}")

@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._validation import accumulation_dtype
-from ._checks import check_count, check_positive
+from .._validation import accumulation_dtype, check_count, check_positive
 
 SCHEDULES = ("geometric", "linear")
 

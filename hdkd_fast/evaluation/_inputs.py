@@ -1,4 +1,5 @@
-"""Argument checks of the evaluation functions; every error names the argument at fault."""
+"""Argument checks of the evaluation functions beyond the logits (those go through
+:func:`hdkd_fast._validation.check_logits`); every error names the argument at fault."""
 
 from __future__ import annotations
 
@@ -7,42 +8,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-
-from .._validation import Logits
-
-
-def exit_logits(logits: Logits, name: str) -> list[Tensor]:
-    """The K exits' ``[N, C]`` logits (views of a stacked tensor; no copy), checked for shape and finiteness."""
-    if isinstance(logits, Tensor):
-        if logits.dim() != 3:
-            raise ValueError(
-                f"{name} must be a Tensor[K, N, C] or a list of K Tensor[N, C]; got shape {list(logits.shape)}"
-            )
-        exits = list(logits.unbind(0))
-    elif isinstance(logits, Sequence) and not isinstance(logits, (str, bytes)):
-        exits = list(logits)
-        for k, z in enumerate(exits):
-            if not isinstance(z, Tensor):
-                raise TypeError(f"{name}[{k}] must be a Tensor; got {type(z).__name__}")
-            if z.dim() != 2:
-                raise ValueError(f"{name}[{k}] must be a Tensor[N, C]; got shape {list(z.shape)}")
-    else:
-        raise TypeError(f"{name} must be a Tensor[K, N, C] or a list of K Tensor[N, C]; got {type(logits).__name__}")
-    if not exits:
-        raise ValueError(f"{name} must hold at least one exit")
-    for k, z in enumerate(exits):
-        if z.shape != exits[0].shape or z.device != exits[0].device:
-            raise ValueError(
-                f"{name}[{k}] has shape {list(z.shape)} on {z.device}, {name}[0] {list(exits[0].shape)} on "
-                f"{exits[0].device}: every exit must share N, C and the device"
-            )
-        if not z.dtype.is_floating_point:
-            raise TypeError(f"{name}[{k}] must be a floating tensor; got {z.dtype}")
-        if not bool(torch.isfinite(z).all()):
-            raise ValueError(f"{name}[{k}] holds non-finite values")
-    if exits[0].shape[0] < 1 or exits[0].shape[1] < 1:
-        raise ValueError(f"{name} must have N >= 1 samples and C >= 1 classes; got shape {list(exits[0].shape)}")
-    return exits
 
 
 def labels(y: Tensor, name: str, exits: list[Tensor]) -> Tensor:

@@ -30,9 +30,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._validation import Logits
+from .._validation import Logits, check_logits
 from ..inference import Criterion, check_criterion, confidence, signed_threshold
-from ._inputs import exit_logits, labels, per_exit_values
+from ._inputs import labels, per_exit_values
 
 BUDGET_PROTOCOLS: dict[str, int] = {"imta": 40, "msdnet": 39}
 """The published q sweeps of the budgeted evaluation, by name: q = p/20 for p = 1 … the value. ``"imta"``
@@ -67,7 +67,7 @@ def anytime_accuracy(logits: Logits, y: Tensor) -> AnytimeAccuracy:
         logits: ``Tensor[K, N, C]`` or a list of K ``Tensor[N, C]``.
         y: labels ``[N]`` in ``[0, C)``.
     """
-    exits = exit_logits(logits, "logits")
+    exits = check_logits(logits, "logits", finite=True).exits()
     y = labels(y, "y", exits)
     n = min(5, exits[0].shape[1])
     top1 = torch.stack([(z.argmax(dim=1) == y).double().mean() for z in exits])
@@ -102,8 +102,8 @@ def budgeted_accuracy(
     Returns:
         a :class:`BudgetCurve`; its points are in the order of ``q`` (cost grows with q).
     """
-    val = exit_logits(val_logits, "val_logits")
-    test = exit_logits(test_logits, "test_logits")
+    val = check_logits(val_logits, "val_logits", finite=True).exits()
+    test = check_logits(test_logits, "test_logits", finite=True).exits()
     num_exits, num_classes = len(val), val[0].shape[1]
     if len(test) != num_exits or test[0].shape[1] != num_classes:
         raise ValueError(
