@@ -18,7 +18,8 @@ from .bilevel.hdkd import VALIDATION_OBJECTIVES
 from .bilevel.hypergrad import HYPERGRAD_MODES
 from .data.load import DATASETS, IDX_DATASETS
 from .evaluation import BUDGET_PROTOCOLS
-from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, METHODS, RESUME_FIELDS, SCHEDULES, TrainConfig
+from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, RESUME_FIELDS, SCHEDULES, TrainConfig
+from .training.methods import method_names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--method", choices=METHODS, default=d.method, help="training method (README: Methods)")
+    p.add_argument("--method", choices=method_names(), default=d.method, help="training method (README: Methods)")
     p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="default: detected from --data-dir; the embedded digits without one")
     p.add_argument("--data-dir", default=None, help="CIFAR python folder / .tar.gz, MNIST-format (IDX) files, "

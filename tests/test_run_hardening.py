@@ -19,7 +19,7 @@ from cli_helpers import expect_error
 from torch import nn
 
 from hdkd_fast.cli import main
-from hdkd_fast.training import METHOD_CLASSES, TrainConfig
+from hdkd_fast.training import TrainConfig, method_class
 from hdkd_fast.training import checkpoint as checkpoint_module
 from hdkd_fast.training.checkpoint import CHECKPOINT, load_checkpoint
 from hdkd_fast.training.report import read_final, read_metrics
@@ -159,7 +159,8 @@ def test_dbt_loss_has_the_authors_global_scale(k: int) -> None:
     model = Exits(k)
     x, y = torch.randn(9, 6, dtype=torch.float64), torch.randint(5, (9,))
     config = TrainConfig(method="dbt", dbt_schedule="constant", temperature=3.0, backend="torch")
-    loss, logits = METHOD_CLASSES["dbt"](model, config, k, contextlib.nullcontext).loss(x, y)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss, logits = method_class("dbt")(model, optimizer, config, k, contextlib.nullcontext).loss(x, y)
     t = 3.0
     teacher = F.softmax(logits[-1].detach() / t, dim=1)
     kl = [(teacher * (teacher.log() - F.log_softmax(z / t, dim=1))).sum(dim=1).mean() for z in logits[:-1]]

@@ -17,9 +17,7 @@ from ..bilevel.hdkd import VALIDATION_OBJECTIVES
 from ..bilevel.hypergrad import HYPERGRAD_MODES
 from ..data.load import IDX_DATASETS
 from ..evaluation import BUDGET_PROTOCOLS, DEFAULT_BUDGET_PROTOCOL
-
-METHODS = ("ce", "dbt", "dkd", "hdkd", "ekd", "erde", "dkd-uncertainty")
-"""Training methods; see :mod:`hdkd_fast.training.methods`."""
+from .methods import METHODS, method_class
 
 SCHEDULES = ("multistep", "cosine")
 AMP_MODES = ("auto", "bf16", "off")
@@ -104,7 +102,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every field; raise a ``ValueError``/``TypeError`` naming the offending argument."""
-        check_choice(self.method, "method", METHODS)
+        method = method_class(self.method)
         check_choice(self.schedule, "schedule", SCHEDULES)
         check_choice(self.amp, "amp", AMP_MODES)
         check_choice(self.device, "device", DEVICES)
@@ -132,10 +130,12 @@ class TrainConfig:
             raise ValueError("nesterov needs momentum > 0")
         if self.val_size is not None and (not isinstance(self.val_size, numbers.Real) or self.val_size <= 0):
             raise ValueError(f"val_size must be a positive count or a fraction in (0, 1); got {self.val_size!r}")
-        if self.method == "erde" and not self.teacher:
-            raise ValueError("method 'erde' needs --teacher CHECKPOINT (a run directory or its checkpoint.pt)")
-        if self.method != "erde" and self.teacher:
-            raise ValueError(f"--teacher is only used by method 'erde', not {self.method!r}")
+        if method.needs_teacher and not self.teacher:
+            raise ValueError(f"method {self.method!r} needs --teacher CHECKPOINT (a run directory or its "
+                             "checkpoint.pt)")
+        if not method.needs_teacher and self.teacher:
+            teachers = " or ".join(repr(name) for name, cls in METHODS.items() if cls.needs_teacher)
+            raise ValueError(f"--teacher is only used by method {teachers}, not {self.method!r}")
         return self
 
     def to_json(self) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from .checkpoint import (
 )
 from .config import RESUME_FIELDS, TrainConfig
 from .evaluate import collect_logits, final_summary, split_metrics
-from .methods import METHOD_CLASSES, Batch, TrainMethod, cycle
+from .methods import Batch, TrainMethod, cycle, method_class
 from .report import FINAL_FILE as FINAL
 from .report import METRICS_FILE as METRICS
 
@@ -74,10 +74,23 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
 
 
 def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Callable[[str], None]) -> Path:
+    config, state, data, run_dir = _checked(config, ctx, resume)
+    run = _Run(config, ctx, data, run_dir, state, log)
+    assert config.epochs is not None  # resolved
+    for epoch in range(run.start_epoch, config.epochs):
+        record = run.train_epoch(epoch)
+        run.end_epoch(record)
+    run.finish()
+    return run_dir
+
+
+def _checked(config: TrainConfig, ctx: dist_utils.Context,
+             resume: bool) -> tuple[TrainConfig, dict[str, Any] | None, DataBundle, Path]:
+    """Every check of a run, before anything is written (a run that cannot start leaves no trace): the
+    resolved configuration, the checkpoint to resume (``None`` for a new run), the data and the run directory."""
     state: dict[str, Any] | None = None
     if resume:
         config, state = _resumed(config)
-    # Every check comes before anything is written: a run that cannot start leaves no trace.
     config.validate()
     _check_backend(config.backend, ctx.device)
     if config.out:
@@ -90,109 +103,125 @@ def _train(config: TrainConfig, ctx: dist_utils.Context, resume: bool, log: Call
     if state is None and (run_dir / CHECKPOINT).exists():
         raise ValueError(f"out directory {str(run_dir)!r} already holds a run; pass --resume to continue it "
                          "or choose another --out")
+    return config, state, data, run_dir
 
-    torch.manual_seed(config.seed)
-    device = ctx.device
-    base, model, channels_last = _network(config, data, device)
-    wrapped: nn.Module = model
-    if ctx.distributed:
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = _autocast(config.amp, device)
-    method = _method(config, wrapped, base.num_exits, data.num_classes, autocast, device, data.input_shape)
-    optimizer = torch.optim.SGD(
-        [{"params": list(model.parameters()), "weight_decay": config.weight_decay},
-         {"params": method.parameters(), "weight_decay": 0.0}],
-        lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-    )
-    method.bind(optimizer)
-    scheduler = _scheduler(config, optimizer)
-    assert config.epochs is not None
-    augment = Augment(data.mean, data.std, crop_padding=data.crop_padding, flip=data.flip)
-    normalize = Augment(data.mean, data.std, train=False)
-    generator = torch.Generator().manual_seed(config.seed * 1000 + ctx.rank)
-    # Full batches (BatchNorm needs two samples or more) unless a split is smaller than one batch per rank.
-    loader = EpochLoader(data.train, config.batch_size, shuffle=True, seed=config.seed, rank=ctx.rank,
-                         world_size=ctx.world_size, drop_last=len(data.train) >= config.batch_size * ctx.world_size,
-                         num_workers=config.workers)
-    val_loader = EpochLoader(data.val, config.batch_size, shuffle=True, seed=config.seed + 1, rank=ctx.rank,
-                             world_size=ctx.world_size, drop_last=len(data.val) >= config.batch_size * ctx.world_size,
-                             num_workers=config.workers)
 
-    start_epoch, step, elapsed = 0, 0, 0.0
-    if state is not None:
-        start_epoch, step, elapsed = _restore(state, run_dir, model, optimizer, scheduler, method, generator, ctx)
-        _follow_run_length(scheduler, config)
-    if ctx.is_main:
-        _prepare_run_dir(run_dir, config, fresh=state is None, log=log)
+class _Run:
+    """One training run's objects and its three phases: set-up (``__init__``: model, method, optimizer,
+    schedule, loaders, restored state, run directory), :meth:`train_epoch` + :meth:`end_epoch` (validation
+    accuracy, metrics line, checkpoint) per epoch, and :meth:`finish` (``final.json`` and the plots)."""
+
+    def __init__(self, config: TrainConfig, ctx: dist_utils.Context, data: DataBundle, run_dir: Path,
+                 state: dict[str, Any] | None, log: Callable[[str], None]) -> None:
+        assert config.epochs is not None  # resolved
+        self.config, self.ctx, self.data, self.run_dir, self.log = config, ctx, data, run_dir, log
+        device = self.device = ctx.device
+        torch.manual_seed(config.seed)
+        self.base, self.model, self.channels_last = _network(config, data, device)
+        wrapped: nn.Module = self.model
+        if ctx.distributed:
+            wrapped = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.autocast = _autocast(config.amp, device)
+        model_group = {"params": list(self.model.parameters()), "weight_decay": config.weight_decay}
+        self.optimizer = torch.optim.SGD([model_group], lr=config.lr, momentum=config.momentum,
+                                         nesterov=config.nesterov)
+        self.method = _method(config, wrapped, self.optimizer, self.base.num_exits, data.num_classes, self.autocast,
+                              device, data.input_shape)
+        self.scheduler = _scheduler(config, self.optimizer)
+        self.augment = Augment(data.mean, data.std, crop_padding=data.crop_padding, flip=data.flip)
+        self.normalize = Augment(data.mean, data.std, train=False)
+        self.generator = torch.Generator().manual_seed(config.seed * 1000 + ctx.rank)
+        # Full batches (BatchNorm needs two samples or more) unless a split is smaller than one batch per rank.
+        self.loader, self.val_loader = (
+            EpochLoader(split, config.batch_size, shuffle=True, seed=config.seed + offset, rank=ctx.rank,
+                        world_size=ctx.world_size, drop_last=len(split) >= config.batch_size * ctx.world_size,
+                        num_workers=config.workers)
+            for split, offset in ((data.train, 0), (data.val, 1))
+        )
+        self.start_epoch, self.step, self.elapsed = 0, 0, 0.0
         if state is not None:
-            _truncate_metrics(run_dir / METRICS, start_epoch)
-            log(f"resuming {run_dir} after epoch {start_epoch}")
-    writer = _tensorboard(run_dir) if ctx.is_main else None
+            self.start_epoch, self.step, self.elapsed = _restore(state, run_dir, self.model, self.optimizer,
+                                                                 self.scheduler, self.method, self.generator, ctx)
+            _follow_run_length(self.scheduler, config)
+        if ctx.is_main:
+            _prepare_run_dir(run_dir, config, fresh=state is None, log=log)
+            if state is not None:
+                _truncate_metrics(run_dir / METRICS, self.start_epoch)
+                log(f"resuming {run_dir} after epoch {self.start_epoch}")
+        self.writer = _tensorboard(run_dir) if ctx.is_main else None
+        self.val_out: tuple[list[Tensor], Tensor] | None = None
+        """The validation logits of the latest epoch (rank 0), reused by :meth:`finish`."""
 
-    def to_device(batch: Batch, aug: Augment) -> Batch:
+    def _to_device(self, batch: Batch, aug: Augment) -> Batch:
         images, y = batch
-        x = aug(images.to(device, non_blocking=True), generator)
-        if channels_last:
+        x = aug(images.to(self.device, non_blocking=True), self.generator)
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, y.to(device, non_blocking=True)
+        return x, y.to(self.device, non_blocking=True)
 
-    val_out: tuple[list[Tensor], Tensor] | None = None  # the validation logits of the latest epoch (rank 0)
-    for epoch in range(start_epoch, config.epochs):
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch of method steps and the schedule's step; returns the start of its metrics record."""
+        config, ctx = self.config, self.ctx
         started = time.perf_counter()
-        loader.set_epoch(epoch)
-        val_loader.set_epoch(epoch)
-
-        def val_batches(vl: EpochLoader = val_loader) -> Iterator[Batch]:
-            return (to_device(b, normalize) for b in vl)
-
-        next_val = cycle(val_batches)
-        model.train()
+        self.loader.set_epoch(epoch)
+        self.val_loader.set_epoch(epoch)
+        next_val = cycle(lambda: (self._to_device(b, self.normalize) for b in self.val_loader))
+        self.model.train()
         # samples, loss sum, correct per exit; on the device, read by the host only every BAR_EVERY steps
-        totals = torch.zeros(2 + base.num_exits, dtype=torch.float64, device=device)
-        with _progress(len(loader), f"epoch {epoch + 1}/{config.epochs}", config.progress and ctx.is_main) as bar:
-            for i, batch in enumerate(loader, start=1):
-                x, y = to_device(batch, augment)
-                loss, logits = method.step(x, y, next_val)
+        totals = torch.zeros(2 + self.base.num_exits, dtype=torch.float64, device=self.device)
+        with _progress(len(self.loader), f"epoch {epoch + 1}/{config.epochs}", config.progress and ctx.is_main) as bar:
+            for i, batch in enumerate(self.loader, start=1):
+                x, y = self._to_device(batch, self.augment)
+                loss, logits = self.method.step(x, y, next_val)
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"the training loss became {loss} at epoch {epoch + 1}, step {step + 1}; "
-                                             "lower --lr or check the data")
-                step += 1
+                    raise FloatingPointError(f"the training loss became {loss} at epoch {epoch + 1}, step "
+                                             f"{self.step + 1}; lower --lr or check the data")
+                self.step += 1
                 _add_batch_totals(totals, loss, logits, y)
-                if not bar.disable and (i % BAR_EVERY == 1 or i == len(loader)):
+                if not bar.disable and (i % BAR_EVERY == 1 or i == len(self.loader)):
                     mean = (totals[1:] / totals[0]).tolist()
                     bar.set_postfix_str(f"loss {mean[0]:.3f} acc " + " ".join(f"{a:.2f}" for a in mean[1:]))
                 bar.update()
-        scheduler.step()
+        self.scheduler.step()
         totals = dist_utils.all_reduce_sum(totals, ctx).cpu()
-        elapsed += time.perf_counter() - started
+        self.elapsed += time.perf_counter() - started
+        return {"epoch": epoch + 1, "step": self.step, "time_s": self.elapsed,
+                "lr": self.optimizer.param_groups[0]["lr"], "train/loss": float(totals[1] / totals[0]),
+                "train/top1": (totals[2:] / totals[0]).tolist()}
 
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "time_s": elapsed,
-                                  "lr": optimizer.param_groups[0]["lr"],
-                                  "train/loss": float(totals[1] / totals[0]),
-                                  "train/top1": (totals[2:] / totals[0]).tolist()}
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        """The validation accuracy and the method's values into ``record``; on rank 0 the metrics line and the
+        checkpoint."""
+        config, ctx = self.config, self.ctx
         if ctx.is_main:
-            val_out = _logits(model, data.val, normalize, config, device, autocast, channels_last)
-            val = split_metrics(*val_out)
+            self.val_out = self._logits(self.data.val)
+            val = split_metrics(*self.val_out)
             record.update({"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"]})
-        record.update(method.log_values())
-        rngs = dist_utils.gather_objects(rng_state(generator), ctx)
+        record.update(self.method.log_values())
+        rngs = dist_utils.gather_objects(rng_state(self.generator), ctx)
         if ctx.is_main:
-            _append_metrics(run_dir / METRICS, record, writer)
-            save_atomic({"version": CHECKPOINT_VERSION, "config": config.to_json(), "epoch": epoch + 1,
-                         "step": step, "time_s": elapsed, "num_classes": data.num_classes,
-                         "input_shape": list(data.input_shape), "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "method": method.state_dict(), "rng": rngs}, run_dir / CHECKPOINT)
-            log(f"epoch {epoch + 1}/{config.epochs}: loss {record['train/loss']:.4f}, val top-1 "
-                + " ".join(f"{100 * a:.1f}" for a in record["val/top1"]) + f" ({elapsed:.0f} s)")
+            _append_metrics(self.run_dir / METRICS, record, self.writer)
+            save_atomic({"version": CHECKPOINT_VERSION, "config": config.to_json(), "epoch": record["epoch"],
+                         "step": self.step, "time_s": self.elapsed, "num_classes": self.data.num_classes,
+                         "input_shape": list(self.data.input_shape), "model": self.model.state_dict(),
+                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         "method": self.method.state_dict(), "rng": rngs}, self.run_dir / CHECKPOINT)
+            self.log(f"epoch {record['epoch']}/{config.epochs}: loss {record['train/loss']:.4f}, val top-1 "
+                     + " ".join(f"{100 * a:.1f}" for a in record["val/top1"]) + f" ({self.elapsed:.0f} s)")
         dist_utils.barrier(ctx)
 
-    if ctx.is_main:
-        _finish(run_dir, config, base, model, data, elapsed, device, autocast, channels_last, log, val_out)
-        if writer is not None:
-            writer.close()
-    dist_utils.barrier(ctx)
-    return run_dir
+    def finish(self) -> None:
+        """``final.json`` and the plots (rank 0), then close the TensorBoard writer."""
+        if self.ctx.is_main:
+            _finish(self.run_dir, self.config, self.base, self.model, self.data, self.elapsed, self.device,
+                    self.autocast, self.channels_last, self.log, self.val_out)
+            if self.writer is not None:
+                self.writer.close()
+        dist_utils.barrier(self.ctx)
+
+    def _logits(self, dataset: Any) -> tuple[list[Tensor], Tensor]:
+        return _logits(self.model, dataset, self.normalize, self.config, self.device, self.autocast,
+                       self.channels_last)
 
 
 def _resumed(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
@@ -236,7 +265,7 @@ def _check_split_sizes(config: TrainConfig, data: DataBundle, world_size: int) -
     """Every batch a step trains on must hold two images or more (BatchNorm in training mode needs them):
     the training split's, and ``hdkd``'s validation batches."""
     splits = [("training", len(data.train), "--limit")]
-    if config.method == "hdkd":
+    if method_class(config.method).uses_validation_batches:
         splits.append(("validation", len(data.val), "--val-size, --limit"))
     for name, size, options in splits:
         smallest = min(config.batch_size, math.ceil(size / world_size))
@@ -290,7 +319,7 @@ def _finish(run_dir: Path, config: TrainConfig, base: MultiExitModule, model: nn
     summary = {"method": config.method, "dataset": data.name, "model": config.model,
                "num_exits": base.num_exits, "epochs": config.epochs, "train_time_s": elapsed,
                **final_summary(base, val_out, test_out, data.input_shape,
-                               criterion="entropy" if config.method == "erde" else "maxprob",
+                               criterion=method_class(config.method).exit_criterion,
                                protocol=config.budget_protocol)}
     with writing(run_dir / FINAL):
         (run_dir / FINAL).write_text(json.dumps(summary, indent=2) + "\n")
@@ -298,11 +327,13 @@ def _finish(run_dir: Path, config: TrainConfig, base: MultiExitModule, model: nn
         _write_plots(run_dir, log)
 
 
-def _method(config: TrainConfig, model: nn.Module, num_exits: int, num_classes: int,
-            autocast: Callable[[], contextlib.AbstractContextManager[Any]], device: torch.device,
+def _method(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, num_exits: int,
+            num_classes: int, autocast: Callable[[], contextlib.AbstractContextManager[Any]], device: torch.device,
             input_shape: tuple[int, ...] | None = None) -> TrainMethod:
+    """The run's training method (its teacher loaded from a finished run when the method needs one)."""
+    cls = method_class(config.method)
     teacher = load_teacher(config.teacher, num_classes, input_shape).to(device) if config.teacher else None
-    return METHOD_CLASSES[config.method](model, config, num_exits, autocast, teacher=teacher)
+    return cls(model, optimizer, config, num_exits, autocast, teacher=teacher)
 
 
 def load_teacher(path: str, num_classes: int, input_shape: tuple[int, ...] | None = None) -> MultiExitModule:

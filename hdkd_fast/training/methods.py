@@ -21,19 +21,23 @@ re-implements one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .._distributed import all_reduce_mean
-from .._validation import Logits
+from .._validation import Logits, check_choice
 from ..bilevel import HDKD, HarmonizedWeights
 from ..distill import DBTTemperature, DenseKDUncertainty, EKDLoss, ERDELoss
+from ..inference import Criterion
 from ..modules import DenseKD
-from .config import TrainConfig
+
+if TYPE_CHECKING:  # the config lies above the methods: it takes its choices from this registry
+    from .config import TrainConfig
 
 Batch = tuple[Tensor, Tensor]
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
@@ -41,37 +45,58 @@ Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 
 class TrainMethod:
     """One method: ``step(x, y, next_val)`` trains on a batch and returns ``(loss, logits)``; ``next_val()``
-    draws a validation batch (only ``hdkd`` does).
+    draws a validation batch (only methods with :attr:`uses_validation_batches` call it).
 
-    Subclasses set :attr:`name` and :attr:`criterion`, and override :meth:`loss` when the loss is not
-    ``criterion(model(x), y)``, or :meth:`step` as a whole (``hdkd``). The default step is zero_grad,
-    :meth:`loss`, backward, optimizer step.
+    Construction builds everything: :meth:`make_criterion` gives the loss module, and the loss's own
+    parameters (:meth:`parameters`) join ``optimizer`` as a second parameter group without weight decay
+    (always added, possibly empty, so that every method's optimizer state has the same layout).
+    Subclasses set :attr:`name`, implement :meth:`make_criterion`, and override :meth:`loss` when the loss
+    is not ``criterion(model(x), y)``, or :meth:`step` as a whole (``hdkd``). The default step is zero_grad,
+    :meth:`loss`, backward, optimizer step. What the training run must provide is said by class attributes:
+    :attr:`needs_teacher`, :attr:`uses_validation_batches`, :attr:`exit_criterion`.
     """
 
     name: ClassVar[str]
-    criterion: nn.Module
-    """The method's loss module (set by each subclass)."""
+    needs_teacher: ClassVar[bool] = False
+    """The method distills from a frozen teacher model (``TrainConfig.teacher``, required then and only then)."""
+    uses_validation_batches: ClassVar[bool] = False
+    """``step`` draws validation batches (each must hold two images or more per process, for BatchNorm)."""
+    exit_criterion: ClassVar[Criterion] = "maxprob"
+    """The confidence the budgeted evaluation of a trained model thresholds (:mod:`hdkd_fast.inference`)."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, num_exits: int, autocast: Autocast,
-                 teacher: nn.Module | None = None) -> None:
+    criterion: nn.Module
+    """The method's loss module (:meth:`make_criterion`)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, num_exits: int,
+                 autocast: Autocast, teacher: nn.Module | None = None) -> None:
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"method {self.name!r} needs a teacher model (--teacher)")
+        if not self.needs_teacher and teacher is not None:
+            raise ValueError(f"method {self.name!r} takes no teacher model; got {type(teacher).__name__}")
         self.model = model
         self.module: nn.Module = model.module if isinstance(model, DistributedDataParallel) else model
+        self.optimizer = optimizer
         self.config = config
         self.num_exits = num_exits
         self.autocast = autocast
-        self.optimizer: torch.optim.Optimizer | None = None
         self.teacher = teacher
-        """The frozen teacher model of ``erde`` (``None`` for the other methods)."""
+        """The frozen teacher model (``None`` unless :attr:`needs_teacher`)."""
+        self.criterion = self.make_criterion()
+        optimizer.add_param_group({"params": self.parameters(), "weight_decay": 0.0})
 
     # -- set-up -----------------------------------------------------------------------------------
+
+    def make_criterion(self) -> nn.Module:
+        """The loss module, on the model's device (called once, by ``__init__``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement make_criterion()")
 
     def parameters(self) -> list[nn.Parameter]:
         """Parameters of the loss itself that the model's optimizer trains (none by default)."""
         return []
 
-    def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called once the model's optimizer exists."""
-        self.optimizer = optimizer
+    def device(self) -> torch.device:
+        """The device of the model's parameters."""
+        return next(p for p in self.module.parameters() if p.is_floating_point()).device
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -83,7 +108,6 @@ class TrainMethod:
 
     def step(self, x: Tensor, y: Tensor, next_val: Callable[[], Batch]) -> tuple[float, Logits | None]:
         """One optimizer step on ``(x, y)``; returns the loss and the (detached) logits."""
-        assert self.optimizer is not None, "bind() the optimizer first"
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             loss, logits = self.loss(x, y)
@@ -114,35 +138,66 @@ class TrainMethod:
         pass
 
 
+_METHODS: dict[str, type[TrainMethod]] = {}
+METHODS: Mapping[str, type[TrainMethod]] = MappingProxyType(_METHODS)
+"""The registry of training methods, name → class, in registration order (read-only view): the CLI's
+``--method`` choices, :meth:`TrainConfig.validate <hdkd_fast.training.TrainConfig.validate>` and the
+training run all read it."""
+
+_M = TypeVar("_M", bound=type[TrainMethod])
+
+
+def register_method(cls: _M) -> _M:
+    """Register a :class:`TrainMethod` subclass under its ``name`` (usable as a class decorator).
+
+    Raises:
+        TypeError: ``cls`` is not a ``TrainMethod`` subclass with a string ``name``.
+        ValueError: the name is empty or taken.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, TrainMethod)):
+        raise TypeError(f"cls must be a TrainMethod subclass; got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__}.name must be a non-empty string; got {name!r}")
+    if name in _METHODS:
+        raise ValueError(f"a training method named {name!r} is already registered ({_METHODS[name].__name__})")
+    _METHODS[name] = cls
+    return cls
+
+
+def unregister_method(name: str) -> None:
+    """Remove the method ``name`` from the registry (e.g. a test's toy method)."""
+    check_choice(name, "name", tuple(_METHODS))
+    del _METHODS[name]
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods' names, in registration order."""
+    return tuple(_METHODS)
+
+
+def method_class(name: str) -> type[TrainMethod]:
+    """The class registered as ``name``; a ``ValueError`` naming ``method`` and the choices otherwise."""
+    check_choice(name, "method", method_names())
+    return _METHODS[name]
+
+
 def _detach(logits: Logits) -> Logits:
     return logits.detach() if isinstance(logits, Tensor) else [z.detach() for z in logits]
 
 
+@register_method
 class CrossEntropy(TrainMethod):
     """``ce``: the sum of every exit's cross-entropy (MSDNet's training loss): :class:`DenseKD` with no pairs."""
 
     name = "ce"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def make_criterion(self) -> nn.Module:
         no_pairs = torch.zeros(self.num_exits, self.num_exits, dtype=torch.bool)
-        self.criterion = DenseKD(self.num_exits, pairs=no_pairs, kd_weight=0.0, backend=self.config.backend)
+        return DenseKD(self.num_exits, pairs=no_pairs, kd_weight=0.0, backend=self.config.backend)
 
 
-class DenseDistillation(TrainMethod):
-    """``dkd``: every exit's CE plus T²·KL from every later exit, all weights 1."""
-
-    name = "dkd"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.criterion = DenseKD(self.num_exits, temperature=self.config.temperature, pairs="dense",
-                                 backend=self.config.backend)
-
-    def log_values(self) -> dict[str, Any]:
-        return {"temperature": self.criterion.temperature}
-
-
+@register_method
 class DistillationBasedTraining(TrainMethod):
     """``dbt`` (Phuong & Lampert, ICCV 2019): the final exit teaches every earlier exit,
     ``s · [(1 − C) Σ_k CE_k + C T² Σ_{k<K-1} KL(p_K ‖ p_k)]`` with C = 0.5 and the global scale
@@ -161,14 +216,13 @@ class DistillationBasedTraining(TrainMethod):
     scale_exits: ClassVar[float] = 2 * 5
     """The loss is multiplied by ``scale_exits / K`` (the authors' ``global_scale``)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def make_criterion(self) -> nn.Module:
         adaptive = self.config.dbt_schedule == "adaptive"
         self.schedule = DBTTemperature() if adaptive else None
         scale = self.scale_exits / self.num_exits
-        self.criterion = DenseKD(self.num_exits, temperature=1.0 if adaptive else self.config.temperature,
-                                 ce_weight=(1.0 - self.mix) * scale, kd_weight=self.mix * scale, pairs="last",
-                                 backend=self.config.backend)
+        return DenseKD(self.num_exits, temperature=1.0 if adaptive else self.config.temperature,
+                       ce_weight=(1.0 - self.mix) * scale, kd_weight=self.mix * scale, pairs="last",
+                       backend=self.config.backend)
 
     def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Logits]:
         logits = self.model(x)
@@ -190,93 +244,101 @@ class DistillationBasedTraining(TrainMethod):
             self.schedule.load_state_dict(state["schedule"])
 
 
+@register_method
+class DenseDistillation(TrainMethod):
+    """``dkd``: every exit's CE plus T²·KL from every later exit, all weights 1."""
+
+    name = "dkd"
+
+    def make_criterion(self) -> nn.Module:
+        return DenseKD(self.num_exits, temperature=self.config.temperature, pairs="dense", backend=self.config.backend)
+
+    def log_values(self) -> dict[str, Any]:
+        return {"temperature": self.criterion.temperature}
+
+
+@register_method
 class HarmonizedDenseDistillation(TrainMethod):
     """``hdkd``: dense pairs weighted by :class:`HarmonizedWeights`, learned by :class:`HDKD`'s bilevel
     step on validation batches (``hypergrad``, ``weight_lr``, ``update_every``, ``validation``)."""
 
     name = "hdkd"
+    uses_validation_batches = True
     criterion: DenseKD
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.criterion = DenseKD(self.num_exits, temperature=self.config.temperature, pairs="dense",
-                                 backend=self.config.backend)
-        self.hdkd: HDKD | None = None
-
-    def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        super().bind(optimizer)
-        ref = next(p for p in self.module.parameters() if p.is_floating_point())
-        weights = HarmonizedWeights(self.num_exits, "dense").to(ref.device)
+        weights = HarmonizedWeights(self.num_exits, "dense").to(self.device())
         self.hdkd = HDKD(
-            self.model, optimizer, criterion=self.criterion, weights=weights,
+            self.model, self.optimizer, criterion=self.criterion, weights=weights,
             weight_optimizer=torch.optim.Adam(weights.parameters(), lr=self.config.weight_lr),
             hypergrad=self.config.hypergrad, update_every=self.config.update_every,
             validation=self.config.validation,
         )
 
+    def make_criterion(self) -> nn.Module:
+        return DenseKD(self.num_exits, temperature=self.config.temperature, pairs="dense", backend=self.config.backend)
+
     def step(self, x: Tensor, y: Tensor, next_val: Callable[[], Batch]) -> tuple[float, Logits | None]:
-        assert self.hdkd is not None, "bind() the optimizer first"
         x_val, y_val = next_val()
         with self.autocast():
             stats = self.hdkd.step(x, y, x_val, y_val)
         return stats["loss"], self.hdkd.last_logits
 
     def log_values(self) -> dict[str, Any]:
-        assert self.hdkd is not None
         with torch.no_grad():
             w = self.hdkd.weights()
         return {"temperature": self.criterion.temperature, "weights/ce": w.ce.tolist(), "weights/kd": w.kd.tolist(),
                 "skipped_updates": self.hdkd.skipped_updates}
 
     def state_dict(self) -> dict[str, Any]:
-        assert self.hdkd is not None
         state = self.hdkd.state_dict()
         return {k: v for k, v in state.items() if k not in ("model", "optimizer")}  # saved by the trainer
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert self.hdkd is not None and self.optimizer is not None
         self.hdkd.load_state_dict({**state, "model": self.module.state_dict(),
                                    "optimizer": self.optimizer.state_dict()})
 
 
+@register_method
 class EmbeddedDistillation(TrainMethod):
     """``ekd`` (Lyu, Xu, Cheng 2021): the last exit teaches every earlier one (T²·KL), plus attention
     distillation between same-resolution features (``feature_weight``); see :class:`hdkd_fast.distill.EKDLoss`."""
 
     name = "ekd"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.criterion = EKDLoss(temperature=self.config.temperature, feature_weight=self.config.feature_weight,
-                                 backend=self.config.backend)
+    def make_criterion(self) -> nn.Module:
+        return EKDLoss(temperature=self.config.temperature, feature_weight=self.config.feature_weight,
+                       backend=self.config.backend)
 
     def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Logits]:
         logits, features = self.model(x, return_features=True)
         return self.criterion(logits, features, y), logits
 
 
+@register_method
 class EntropyRegularizedDistillation(TrainMethod):
     """``erde`` (Guidez et al. 2025): a frozen teacher early-exit model (``--teacher``) teaches the student
     exit by exit; see :class:`hdkd_fast.distill.ERDELoss`."""
 
     name = "erde"
+    needs_teacher = True
+    exit_criterion = "entropy"
+    teacher: nn.Module
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.teacher is None:
-            raise ValueError("method 'erde' needs a teacher model (--teacher)")
+    def make_criterion(self) -> nn.Module:
         self.teacher.eval().requires_grad_(False)
-        self.criterion = ERDELoss(self.num_exits, _num_exits(self.teacher), temperature=self.config.temperature,
-                                  entropy_weight=self.config.entropy_weight, backend=self.config.backend)
+        return ERDELoss(self.num_exits, _num_exits(self.teacher), temperature=self.config.temperature,
+                        entropy_weight=self.config.entropy_weight, backend=self.config.backend)
 
     def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Logits]:
-        assert self.teacher is not None
         with torch.no_grad():
             teacher_logits = self.teacher(x)
         logits = self.model(x)
         return self.criterion(logits, teacher_logits, y), logits
 
 
+@register_method
 class UncertaintyWeightedDistillation(TrainMethod):
     """``dkd-uncertainty`` (Chennupati et al., BMVC 2021): dense pairs, each weighted by e^{−α_p} with a
     learned α_p (and the regularizer Σ α_p), trained with the model by its optimizer."""
@@ -284,12 +346,9 @@ class UncertaintyWeightedDistillation(TrainMethod):
     name = "dkd-uncertainty"
     criterion: DenseKDUncertainty
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        ref = next(p for p in self.module.parameters() if p.is_floating_point())
-        self.criterion = DenseKDUncertainty(self.num_exits, temperature=self.config.temperature,
-                                            lam=self.config.uncertainty_lambda,
-                                            backend=self.config.backend).to(ref.device)
+    def make_criterion(self) -> nn.Module:
+        return DenseKDUncertainty(self.num_exits, temperature=self.config.temperature,
+                                  lam=self.config.uncertainty_lambda, backend=self.config.backend).to(self.device())
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.criterion.parameters())
@@ -303,13 +362,6 @@ class UncertaintyWeightedDistillation(TrainMethod):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.criterion.load_state_dict(state["criterion"])
-
-
-METHOD_CLASSES: dict[str, type[TrainMethod]] = {
-    cls.name: cls
-    for cls in (CrossEntropy, DistillationBasedTraining, DenseDistillation, HarmonizedDenseDistillation,
-                EmbeddedDistillation, EntropyRegularizedDistillation, UncertaintyWeightedDistillation)
-}
 
 
 def _num_exits(model: nn.Module) -> int:
