@@ -30,8 +30,8 @@ from hdkd_fast.distill import (
     match_exits,
 )
 from hdkd_fast.inference import EarlyExit
-from hdkd_fast.models import MSDNet, MultiExitModule, StagedMultiExit, attach_exits
-from hdkd_fast.models.base import ExitCallback, eval_mode
+from hdkd_fast.models import MSDNet, MultiExitModule, StagedMultiExit, attach_exits, supports_exit_maps
+from hdkd_fast.models.base import ExitCallback, ExitMap, eval_mode
 
 F64 = torch.float64
 TOL: dict[str, Any] = dict(atol=1e-12, rtol=1e-10)
@@ -521,18 +521,51 @@ def ge_grads(model: MultiExitModule, x: Tensor, y: Tensor) -> dict[str, Tensor]:
 
 def test_gradient_equilibrium_scales_the_trunk_gradient_of_a_staged_model() -> None:
     torch.manual_seed(0)
-    k = 4
-    model = TinyStaged(k).double()
-    x, y = randn(7, 6, seed=1), labels(7, 5, seed=2)
+    check_imta_closed_form(TinyStaged(4).double(), randn(7, 6, seed=1), labels(7, 5, seed=2))
+
+
+def check_imta_closed_form(model: MultiExitModule, x: Tensor, y: Tensor) -> None:
+    """GradientEquilibrium's gradients of Σ_j CE_j on a model with ``blocks.i`` / ``heads.i`` parameters."""
+    k = model.num_exits
     per_exit = per_exit_grads(model, x, y)
-    got = ge_grads(model, x, y)
-    for name, g in got.items():
+    for name, g in ge_grads(model, x, y).items():
         stage = int(name.split(".")[1])
         if name.startswith("blocks."):  # trunk between exit i-1 and exit i: (1/(K-i)) Σ_{j>=i} ∂L_j/∂θ
             want = sum(per_exit[j][name] for j in range(stage, k)) / (k - stage)
         else:  # head j: its own gradient, unscaled
             want = per_exit[stage][name]
         torch.testing.assert_close(g, want, **TOL)
+
+
+class HandWrittenChain(MultiExitModule):
+    """A model of neither built-in kind that implements the hook itself: K linear+tanh stages, a head each."""
+
+    def __init__(self, k: int, d: int = 6, c: int = 5) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.Tanh()) for _ in range(k))
+        self.heads = nn.ModuleList(nn.Linear(d, c) for _ in range(k))
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.blocks)
+
+    def forward_exits(self, x: Tensor, on_exit: ExitCallback) -> None:
+        self.forward_exits_mapped(x, on_exit, lambda k, s: s, lambda k, s: s)
+
+    def forward_exits_mapped(self, x: Tensor, on_exit: ExitCallback, into_head: ExitMap, onward: ExitMap) -> None:
+        s = x
+        for k, (block, head) in enumerate(zip(self.blocks, self.heads, strict=True)):
+            h = into_head(k, block(s))
+            on_exit(k, head(h), h)
+            s = onward(k, h) if k < self.num_exits - 1 else h
+
+
+def test_gradient_equilibrium_dispatches_through_the_model_hook() -> None:
+    """Any MultiExitModule implementing forward_exits_mapped gets IMTA's closed form (no isinstance)."""
+    torch.manual_seed(2)
+    model = HandWrittenChain(3).double()
+    assert supports_exit_maps(model) and not supports_exit_maps(nn.Linear(2, 2))
+    check_imta_closed_form(model, randn(5, 6, seed=6), labels(5, 5, seed=7))
 
 
 def test_gradient_equilibrium_forward_mode_is_the_transpose_of_its_backward() -> None:

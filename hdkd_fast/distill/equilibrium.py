@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..models.attach import AttachedExits
-from ..models.base import ExitCallback, MultiExitModule, StagedMultiExit, take_rows
+from ..models.base import ExitCallback, MultiExitModule, supports_exit_maps
 
 
 class _GradientRescale(torch.autograd.Function):
@@ -84,16 +84,6 @@ def gradient_rescale(x: Tensor, scale: float) -> Tensor:
     return out
 
 
-class _RescaleOutput:
-    """Forward hook that returns ``gradient_rescale(output, scale)`` (an object, so models stay picklable)."""
-
-    def __init__(self, scale: float) -> None:
-        self.scale = scale
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Tensor | None:
-        return gradient_rescale(output, self.scale) if isinstance(output, Tensor) else None
-
-
 class GradientEquilibrium(MultiExitModule):
     r"""Gradient equilibrium (IMTA, Li et al. ICCV 2019) around a multi-exit model; combinable with any loss.
 
@@ -113,7 +103,8 @@ class GradientEquilibrium(MultiExitModule):
     receive their unscaled gradient. The factors 1/(K-i) and K-i-1 are the ``1.0 / (nBlocks - i)`` and
     ``nBlocks - i - 1`` of ``kalviny/IMTA`` (``models/msdnet_ge.py``).
 
-    Supported models:
+    Supported models: every :class:`~hdkd_fast.models.MultiExitModule` that implements the hook
+    :meth:`~hdkd_fast.models.MultiExitModule.forward_exits_mapped`, which applies the two rescalings:
 
     - :class:`~hdkd_fast.models.StagedMultiExit` (``MSDNet``, ``MultiExitResNet``): the rescaling acts on
       ``model.exit_feature(state)`` inside the stage loop. For a list state (``MSDNet``) only the tensor the
@@ -131,15 +122,16 @@ class GradientEquilibrium(MultiExitModule):
     loads without the wrapper). Outputs of the rescaling op may be modified in place like any tensor.
 
     Raises:
-        TypeError: for a model of another type (the type is named).
+        TypeError: for a model without the hook (the type is named).
     """
 
     def __init__(self, model: MultiExitModule) -> None:
         super().__init__()
-        if not isinstance(model, (StagedMultiExit, AttachedExits)):
+        if not supports_exit_maps(model):
             raise TypeError(
-                "GradientEquilibrium supports StagedMultiExit models (MSDNet, MultiExitResNet) and models built "
-                f"by attach_exits; got a model of type {type(model).__name__}"
+                "GradientEquilibrium needs a MultiExitModule that implements forward_exits_mapped (StagedMultiExit "
+                f"models such as MSDNet and MultiExitResNet, models built by attach_exits); got a model of type "
+                f"{type(model).__name__}"
             )
         self.model = model
 
@@ -147,66 +139,23 @@ class GradientEquilibrium(MultiExitModule):
     def num_exits(self) -> int:
         return self.model.num_exits
 
+    @staticmethod
+    def wrapped_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The wrapped model's ``state_dict`` from the wrapper's (e.g. a checkpoint's), to load it unwrapped."""
+        return {key.removeprefix("model."): value for key, value in state.items()}
+
     def forward_exits(self, x: Tensor, on_exit: ExitCallback) -> None:
-        if isinstance(self.model, StagedMultiExit):
-            self._forward_staged(self.model, x, on_exit)
-        else:
-            self._forward_attached(self.model, x, on_exit)
+        k_total = self.model.num_exits
 
-    @staticmethod
-    def _forward_staged(model: StagedMultiExit, x: Tensor, on_exit: ExitCallback) -> None:
-        """:meth:`StagedMultiExit.forward_exits` with IMTA's two rescalings after every block."""
-        stages = model.stages()
-        k_total = len(stages)
-        state: Any = x
-        for k, (block, head) in enumerate(stages):
-            state = _rescale_exit_feature(model, block(state), 1.0 / (k_total - k))
-            feature = model.exit_feature(state)
-            keep = on_exit(k, head(feature), feature)
-            if k == k_total - 1:
-                return
-            state = _rescale_exit_feature(model, state, float(k_total - k - 1))
-            if keep is None or bool(keep.all()):
-                continue
-            if not bool(keep.any()):
-                return
-            state = take_rows(state, keep)
+        def into_head(k: int, s: Tensor) -> Tensor:
+            return _rescaled(s, 1.0 / (k_total - k))
 
-    @staticmethod
-    def _forward_attached(model: AttachedExits, x: Tensor, on_exit: ExitCallback) -> None:
-        """The model's own driver, with rescaling hooks around its exit hooks for this call only."""
-        k_total = model.num_exits
-        handles = []
-        try:
-            for k, name in enumerate(model.at):
-                module = model.backbone.get_submodule(name)
-                into_head, onward = 1.0 / (k_total - k), float(k_total - k - 1)
-                if into_head != 1.0:  # runs before the exit hook: the head reads the rescaled output
-                    handles.append(module.register_forward_hook(_RescaleOutput(into_head), prepend=True))
-                if onward != 1.0 and k < k_total - 1:  # runs after it: what the backbone goes on with
-                    handles.append(module.register_forward_hook(_RescaleOutput(onward)))
-            model.forward_exits(x, on_exit)
-        finally:
-            for handle in handles:
-                handle.remove()
+        def onward(k: int, s: Tensor) -> Tensor:
+            return _rescaled(s, float(k_total - k - 1))
+
+        self.model.forward_exits_mapped(x, on_exit, into_head, onward)
 
 
-def _rescale_exit_feature(model: StagedMultiExit, state: Any, scale: float) -> Any:
-    """``state`` with the tensor ``model.exit_feature(state)`` replaced by ``gradient_rescale(it, scale)``."""
-    if scale == 1.0:
-        return state
-    feature = model.exit_feature(state)
-    rescaled = gradient_rescale(feature, scale)
-    if feature is state:
-        return rescaled
-    if isinstance(state, (list, tuple)):
-        for i, item in enumerate(state):
-            if item is feature:
-                items = list(state)
-                items[i] = rescaled
-                return type(state)(items)
-    raise TypeError(
-        f"GradientEquilibrium rescales the tensor the exit heads read, so {type(model).__name__}.exit_feature(state) "
-        "must return the state itself or one tensor of a list/tuple state; it returned a different tensor"
-    )
-
+def _rescaled(s: Tensor, scale: float) -> Tensor:
+    """``gradient_rescale(s, scale)``, or ``s`` itself for a factor 1 (no op in the graph)."""
+    return s if scale == 1.0 else gradient_rescale(s, scale)

@@ -5,21 +5,25 @@
 - :func:`attach_exits`: exits added to any existing network through forward hooks.
 
 All three implement :class:`MultiExitModule`, whose :meth:`~MultiExitModule.forward_exits` driver lets
-:class:`hdkd_fast.inference.EarlyExit` stop computing the samples that have already exited.
+:class:`hdkd_fast.inference.EarlyExit` stop computing the samples that have already exited, and whose
+:meth:`~MultiExitModule.forward_exits_mapped` hook lets :class:`hdkd_fast.distill.GradientEquilibrium` rescale
+the gradients at every exit without knowing the model's type.
 """
 
 from .attach import AttachedExits, attach_exits
-from .base import ExitCallback, MultiExitModule, PoolLinearHead, StagedMultiExit
+from .base import ExitCallback, ExitMap, MultiExitModule, PoolLinearHead, StagedMultiExit, supports_exit_maps
 from .msdnet import MSDNet
 from .resnet import MultiExitResNet
 
 __all__ = [
     "AttachedExits",
     "ExitCallback",
+    "ExitMap",
     "MSDNet",
     "MultiExitModule",
     "MultiExitResNet",
     "PoolLinearHead",
     "StagedMultiExit",
     "attach_exits",
+    "supports_exit_maps",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import ExitCallback, MultiExitModule, PoolLinearHead, check_num_classes, eval_mode
+from .base import ExitCallback, ExitMap, MultiExitModule, PoolLinearHead, check_num_classes, eval_mode
 
 HeadSpec = Sequence[nn.Module] | Callable[[str], nn.Module] | None
 
@@ -41,6 +41,16 @@ class _ExitHook:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Tensor | None:
         return self.owner._on_hook(self.k, output)
+
+
+class _MapOutput:
+    """Forward hook that returns ``fn(k, output)`` for a tensor output."""
+
+    def __init__(self, fn: ExitMap, k: int) -> None:
+        self.fn, self.k = fn, k
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Tensor | None:
+        return self.fn(self.k, output) if isinstance(output, Tensor) else None
 
 
 class AttachedExits(MultiExitModule):
@@ -111,6 +121,23 @@ class AttachedExits(MultiExitModule):
             )
         self._check_rows(output, run, "the backbone's output")
         on_exit(len(self.at), output, output)
+
+    def forward_exits_mapped(self, x: Tensor, on_exit: ExitCallback, into_head: ExitMap, onward: ExitMap) -> None:
+        """:meth:`forward_exits` with forward hooks that map the output of each hooked module ``at[k]``, for this
+        call only: ``into_head`` before the exit hook reads it, ``onward`` after (what the backbone goes on
+        with). A backbone that also reads the batch around a hooked module (a residual shortcut) gets that
+        path unmapped; the final exit (the backbone's output) is not mapped."""
+        handles = []
+        try:
+            for k, name in enumerate(self.at):
+                module = self.backbone.get_submodule(name)
+                handles.append(module.register_forward_hook(_MapOutput(into_head, k), prepend=True))
+                if k < self.num_exits - 1:
+                    handles.append(module.register_forward_hook(_MapOutput(onward, k)))
+            self.forward_exits(x, on_exit)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _on_hook(self, k: int, output: Any) -> Tensor | None:
         """The hook on ``at[k]``: compute exit k, then pass on the surviving rows (or stop the backbone)."""

@@ -24,6 +24,10 @@ still running. ``logits`` is ``[rows, num_classes]``, ``feature`` the tensor the
 Return a boolean mask ``[rows]`` of the rows that go on to the next exit, or ``None`` for all of them.
 The return value of the final exit's call is ignored."""
 
+ExitMap = Callable[[int, Tensor], Tensor]
+"""``map(k, s) -> s'``: replaces the trunk tensor ``s`` at exit ``k`` by ``s'`` (same value in practice; e.g. an
+op that changes only the backward pass). Returning ``s`` itself means "unchanged"."""
+
 
 class MultiExitModule(nn.Module, ABC):
     """Base class of the multi-exit models: ``forward(x)`` returns a list of K logits.
@@ -67,6 +71,22 @@ class MultiExitModule(nn.Module, ABC):
         self.forward_exits(x, collect)
         return (logits, features) if return_features else logits
 
+    def forward_exits_mapped(self, x: Tensor, on_exit: ExitCallback, into_head: ExitMap, onward: ExitMap) -> None:
+        """:meth:`forward_exits` with the trunk tensor :math:`s_k` that exit k's head reads replaced by
+        ``h_k = into_head(k, s_k)``, and the trunk going on to exit k + 1 from ``onward(k, h_k)`` (k < K - 1).
+
+        This is the hook of :class:`hdkd_fast.distill.GradientEquilibrium`. Models that cannot map their exit
+        tensors keep this default, which raises a ``TypeError`` (see :func:`supports_exit_maps`).
+        """
+        raise TypeError(f"{type(self).__name__} does not implement forward_exits_mapped (the model cannot map the "
+                        "tensors its exit heads read)")
+
+
+def supports_exit_maps(model: nn.Module) -> bool:
+    """Whether ``model`` is a :class:`MultiExitModule` that implements :meth:`~MultiExitModule.forward_exits_mapped`."""
+    return (isinstance(model, MultiExitModule)
+            and type(model).forward_exits_mapped is not MultiExitModule.forward_exits_mapped)
+
 
 class StagedMultiExit(MultiExitModule):
     """A multi-exit network that is a chain of K ``(block, head)`` stages.
@@ -88,17 +108,47 @@ class StagedMultiExit(MultiExitModule):
         return len(self.stages())
 
     def forward_exits(self, x: Tensor, on_exit: ExitCallback) -> None:
+        self.forward_exits_mapped(x, on_exit, _unchanged, _unchanged)
+
+    def forward_exits_mapped(self, x: Tensor, on_exit: ExitCallback, into_head: ExitMap, onward: ExitMap) -> None:
+        """The stage loop; the maps act on ``exit_feature(state)`` (for a list state, on that one tensor)."""
         stages = self.stages()
         state: Any = x
         for k, (block, head) in enumerate(stages):
-            state = block(state)
+            state = self._map_exit_feature(block(state), k, into_head)
             feature = self.exit_feature(state)
             keep = on_exit(k, head(feature), feature)
-            if keep is None or k == len(stages) - 1 or bool(keep.all()):
+            if k == len(stages) - 1:
+                return
+            state = self._map_exit_feature(state, k, onward)
+            if keep is None or bool(keep.all()):
                 continue
             if not bool(keep.any()):
                 return
             state = take_rows(state, keep)
+
+    def _map_exit_feature(self, state: Any, k: int, fn: ExitMap) -> Any:
+        """``state`` with the tensor ``exit_feature(state)`` replaced by ``fn(k, it)``."""
+        feature = self.exit_feature(state)
+        mapped = fn(k, feature)
+        if mapped is feature:
+            return state
+        if feature is state:
+            return mapped
+        if isinstance(state, (list, tuple)):
+            for i, item in enumerate(state):
+                if item is feature:
+                    items = list(state)
+                    items[i] = mapped
+                    return type(state)(items)
+        raise TypeError(
+            f"to map the tensor its exit heads read, {type(self).__name__}.exit_feature(state) must return the state "
+            "itself or one tensor of a list/tuple state; it returned a different tensor"
+        )
+
+
+def _unchanged(k: int, s: Tensor) -> Tensor:
+    return s
 
 
 class PoolLinearHead(nn.Module):

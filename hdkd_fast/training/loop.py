@@ -347,8 +347,8 @@ def load_teacher(path: str, num_classes: int, input_shape: tuple[int, ...] | Non
         raise ValueError(f"teacher {path!r} takes images of shape {tuple(state['input_shape'])} but the data's are "
                          f"{tuple(input_shape)}")
     weights: dict[str, Tensor] = state["model"]
-    if cfg.gradient_equilibrium:  # the GradientEquilibrium wrapper holds the network as .model
-        weights = {k.removeprefix("model."): v for k, v in weights.items()}
+    if cfg.gradient_equilibrium:
+        weights = GradientEquilibrium.wrapped_state_dict(weights)
     teacher = build_model(cfg.model or "", num_classes, tuple(state["input_shape"]))
     restore_field(path, "model", teacher.load_state_dict, weights)
     return teacher.eval().requires_grad_(False)
