@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub.add_parser("train", help="train a multi-exit model with one method",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    _compare_parser(sub.add_parser("compare", help="train several methods over several seeds; mean ± std per exit",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     _evaluate_parser(sub.add_parser("evaluate", help="evaluate runs and compare them (table + plots)"))
     _bench_parser(sub.add_parser("bench", help="time the dense-KD backends against the naive loop and torch.compile"))
     build = sub.add_parser("build", help="compile the native kernels now (otherwise done on first use)")
@@ -132,30 +134,34 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.resume:
         _check_resume_options(_given_options(args.argv))
-    val_size = args.val_size
-    if val_size is not None and val_size >= 1:
-        if val_size != int(val_size):
-            raise ValueError(f"--val-size must be a whole count or a fraction below 1; got {val_size}")
-        val_size = int(val_size)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} & vars(args).keys()  # the options are the fields
-    values = {name: getattr(args, name) for name in fields}
     if args.download:
         from .data import download_dataset
 
-        values["data_dir"] = str(download_dataset(args.dataset, args.data_dir, progress=args.progress))
-    config = TrainConfig(**{**values, "milestones": tuple(args.milestones), "val_size": val_size})
-    run_dir = train(config, resume=args.resume)
+        args.data_dir = str(download_dataset(args.dataset, args.data_dir, progress=args.progress))
+    run_dir = train(_config(args), resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
         _print_runs([run_dir])
     return 0
 
 
-def _given_options(argv: Sequence[str]) -> set[str]:
-    """The destinations of the ``train`` options given in ``argv`` (the arguments after ``train``),
-    whatever their values: ``argv`` is parsed again into a namespace that already holds every destination,
-    so that argparse fills in no defaults."""
-    parser = argparse.ArgumentParser(prog="hdkd-fast train")
-    _train_parser(parser)
+def _config(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of the ``train`` options in ``args`` (each option's destination is a field)."""
+    val_size = args.val_size
+    if val_size is not None and val_size >= 1:
+        if val_size != int(val_size):
+            raise ValueError(f"--val-size must be a whole count or a fraction below 1; got {val_size}")
+        val_size = int(val_size)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} & vars(args).keys()
+    values = {name: getattr(args, name) for name in fields}
+    return TrainConfig(**{**values, "milestones": tuple(args.milestones), "val_size": val_size})
+
+
+def _given_options(argv: Sequence[str], compare: bool = False) -> set[str]:
+    """The destinations of the ``train`` (or ``compare``) options given in ``argv`` (the arguments after the
+    command), whatever their values: ``argv`` is parsed again into a namespace that already holds every
+    destination, so that argparse fills in no defaults."""
+    parser = argparse.ArgumentParser(prog="hdkd-fast compare" if compare else "hdkd-fast train")
+    (_compare_parser if compare else _train_parser)(parser)
     blank = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), _UNSET))
     return {name for name, value in vars(parser.parse_args(argv, namespace=blank)).items() if value is not _UNSET}
 
@@ -171,6 +177,40 @@ def _check_resume_options(given: set[str]) -> None:
 
 def _flag(dest: str) -> str:
     return _FLAGS.get(dest, "--" + dest.replace("_", "-"))
+
+
+# -- compare --------------------------------------------------------------------------------------
+
+COMPARE_REFUSED = ("method", "seed", "resume", "download")
+"""``train`` options that ``compare`` sets itself (per run) or does not take."""
+
+
+def _compare_parser(p: argparse.ArgumentParser) -> None:
+    _train_parser(p)
+    p.add_argument("--methods", nargs="+", choices=method_names(), default=None, metavar="METHOD",
+                   help=f"methods to compare: {', '.join(method_names())}")
+    p.add_argument("--seeds", type=int, default=3, help="runs per method, with seeds 0 .. SEEDS-1")
+    p.set_defaults(run=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .training.compare import compare_methods, format_comparison
+
+    refused = sorted(_given_options(args.argv, compare=True) & set(COMPARE_REFUSED))
+    if refused:
+        raise ValueError(f"compare sets the method and seed of each run and continues stopped runs itself; "
+                         f"remove {', '.join(_flag(name) for name in refused)}")
+    if isinstance(args.seeds, bool) or args.seeds < 1:
+        raise ValueError(f"--seeds must be a positive count; got {args.seeds}")
+    if not args.methods:
+        raise ValueError("--methods is required: the methods to compare")
+    if not args.out:
+        raise ValueError("--out is required: the comparison's directory (one run per method and seed inside)")
+    summaries = compare_methods(_config(args), args.methods, list(range(args.seeds)), args.out)
+    print(f"test top-1 accuracy (%) per exit, mean ± std over {args.seeds} seed(s)")
+    print(format_comparison(summaries))
+    print(f"comparison files: {args.out}")
+    return 0
 
 
 # -- evaluate -------------------------------------------------------------------------------------

@@ -231,7 +231,16 @@ def format_exit_table(finals: Mapping[str, Mapping[str, Any]]) -> str:
 
     ``finals`` maps a run name to its :func:`read_final` result.
     """
-    header, rows = _exit_table(finals)
+    return format_text_rows(*_exit_table(finals))
+
+
+def format_markdown_table(finals: Mapping[str, Mapping[str, Any]]) -> str:
+    """The table of :func:`format_exit_table` in Markdown (run names with ``|`` escaped)."""
+    return format_markdown_rows(*_exit_table(finals))
+
+
+def format_text_rows(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned, a dashed rule."""
     widths = [max(len(row[c]) for row in (header, *rows)) for c in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -240,9 +249,8 @@ def format_exit_table(finals: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])
 
 
-def format_markdown_table(finals: Mapping[str, Mapping[str, Any]]) -> str:
-    """The table of :func:`format_exit_table` in Markdown (run names with ``|`` escaped)."""
-    header, rows = _exit_table(finals)
+def format_markdown_rows(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (header cells with ``|`` escaped; the other columns right-aligned)."""
     header = [cell.replace("|", r"\|") for cell in header]
     widths = [max(3, *(len(row[c]) for row in (header, *rows))) for c in range(len(header))]
     rule = [":" + "-" * (widths[0] - 1), *("-" * (w - 1) + ":" for w in widths[1:])]
@@ -433,7 +441,11 @@ def _describe(key: str) -> str:
 
 def _flop_unit(finals: Iterable[Mapping[str, Any]]) -> tuple[float, str]:
     """Scale and unit name for the largest cost of ``finals`` (budget points and exits)."""
-    largest = max(max([*f["exit_costs"], *f["budget"]["cost"]]) for f in finals)
+    return flop_unit(max(max([*f["exit_costs"], *f["budget"]["cost"]]) for f in finals))
+
+
+def flop_unit(largest: float) -> tuple[float, str]:
+    """Scale and unit name (G, M, k or plain FLOPs) for axes whose largest cost is ``largest``."""
     return next(((scale, unit) for scale, unit in _FLOP_UNITS if largest >= scale), (1.0, "FLOPs"))
 
 
