@@ -113,7 +113,6 @@ class _Run:
 
     def __init__(self, config: TrainConfig, ctx: dist_utils.Context, data: DataBundle, run_dir: Path,
                  state: dict[str, Any] | None, log: Callable[[str], None]) -> None:
-        assert config.epochs is not None  # resolved
         self.config, self.ctx, self.data, self.run_dir, self.log = config, ctx, data, run_dir, log
         device = self.device = ctx.device
         torch.manual_seed(config.seed)

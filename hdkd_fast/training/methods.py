@@ -13,6 +13,10 @@
 - ``dkd-uncertainty``: Σ_k CE_k + λ[Σ_p e^{−α_p} KD_p + Σ_p α_p], α learned by the model's optimizer
   (Chennupati et al. 2021).
 
+The methods are registered in :data:`METHODS` (``@register_method``); the CLI's ``--method`` choices, the
+config's check and the training run read that registry, and a method's needs from the run are class
+attributes of :class:`TrainMethod` (docs/design.md, "Adding a training method").
+
 Every loss between exits is computed by the library's fused op (:class:`~hdkd_fast.DenseKD`,
 :func:`~hdkd_fast.dense_kd_losses` and the modules of :mod:`hdkd_fast.distill`); nothing here
 re-implements one.
@@ -151,8 +155,8 @@ def register_method(cls: _M) -> _M:
     """Register a :class:`TrainMethod` subclass under its ``name`` (usable as a class decorator).
 
     Raises:
-        TypeError: ``cls`` is not a ``TrainMethod`` subclass with a string ``name``.
-        ValueError: the name is empty or taken.
+        TypeError: ``cls`` is not a ``TrainMethod`` subclass with a non-empty string ``name``.
+        ValueError: the name is taken.
     """
     if not (isinstance(cls, type) and issubclass(cls, TrainMethod)):
         raise TypeError(f"cls must be a TrainMethod subclass; got {cls!r}")
