@@ -678,7 +678,7 @@ def test_load_dataset_arguments(tmp_path: Path) -> None:
         load_dataset(seed="0")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="image_size must be >= 1"):
         load_dataset("imagefolder", tmp_path, image_size=0)
-    with pytest.raises(ValueError, match="image_size applies to image folders only"):
+    with pytest.raises(ValueError, match="image_size applies to image folders and the MNIST family; digits"):
         load_dataset("digits", image_size=8)
     with pytest.raises(ValueError, match="cifar10 needs data_dir"):
         load_dataset("cifar10")

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import expect_error
 from torch import Tensor
+from torch.nn import functional as F
 
 from hdkd_fast.cli import main
 from hdkd_fast.data import (
@@ -131,6 +133,41 @@ def test_images_of_another_size(tmp_path: Path) -> None:
     assert load_dataset("kmnist", tmp_path / "k", val_size=4).input_shape == (1, 20, 20)
 
 
+@pytest.mark.parametrize("size", [14, 7, 10, 28])
+def test_image_size_area_resamples(tmp_path: Path, size: int) -> None:
+    """Each pixel the mean of the 28×28 pixels it covers (a 2×2 / 4×4 block mean for 14 / 7), rounded;
+    compared in float64 with adaptive average pooling, which is the same area resampling."""
+    sets = write_set(tmp_path / "f", n_train=30, n_test=9)
+    bundle = load_dataset("fashion-mnist", tmp_path / "f", val_size=5, image_size=size)
+    assert bundle.input_shape == (1, size, size)
+    assert bundle.crop_padding == max(1, round(2 * size / 28))
+    test_images, test_labels = everything(bundle.test)
+    want = F.adaptive_avg_pool2d(sets["t10k"][0].unsqueeze(1).double(), size).round().to(torch.uint8)
+    assert torch.equal(test_images, want)
+    if size == 14:  # the block mean, written out
+        blocks = sets["t10k"][0].double().reshape(9, 14, 2, 14, 2).mean(dim=(2, 4)).round().to(torch.uint8)
+        assert torch.equal(test_images[:, 0], blocks)
+    assert torch.equal(test_labels, sets["t10k"][1].long())
+    assert len(bundle.train) + len(bundle.val) == 30
+
+
+def test_train_size_is_a_seeded_subset(tmp_path: Path) -> None:
+    write_set(tmp_path / "m", n_train=60, n_test=7)
+    full = load_dataset("mnist", tmp_path / "m", val_size=10, seed=3)
+    a, b, c = (load_dataset("mnist", tmp_path / "m", val_size=10, seed=s, train_size=12) for s in (3, 3, 4))
+    assert len(a.train) == 12 and len(c.train) == 12
+    assert torch.equal(everything(a.train)[0], everything(b.train)[0])  # same seed, same subset
+    assert not torch.equal(everything(a.train)[0], everything(c.train)[0])
+    assert not rows(*everything(a.train)) - rows(*everything(full.train))  # drawn from the training split
+    assert torch.equal(everything(a.val)[0], everything(full.val)[0])  # validation, test, statistics unchanged
+    assert torch.equal(everything(a.test)[0], everything(full.test)[0])
+    assert (a.mean, a.std) == (full.mean, full.std)
+    assert len(load_dataset("mnist", tmp_path / "m", val_size=10, train_size=1000).train) == 50
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="train_size must be a positive int"):
+            load_dataset("mnist", tmp_path / "m", train_size=bad)  # type: ignore[arg-type]
+
+
 # --- detection ----------------------------------------------------------------------------------------------
 
 
@@ -234,8 +271,6 @@ def test_bad_gzip_and_missing_files(tmp_path: Path) -> None:
     (tmp_path / "nothing").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no Kuzushiji-MNIST files in .*nothing: expected"):
         load_dataset("kmnist", tmp_path / "nothing")
-    with pytest.raises(ValueError, match="image_size applies to image folders only; mnist"):
-        load_dataset("mnist", tmp_path, image_size=28)
 
 
 # --- download -----------------------------------------------------------------------------------------------
@@ -355,16 +390,6 @@ def test_download_http_errors(server: Server, tmp_path: Path, monkeypatch: pytes
 # --- the command line ---------------------------------------------------------------------------------------
 
 
-def expect_error(capsys: pytest.CaptureFixture[str], argv: list[str], *pieces: str) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("hdkd-fast train: error: "), err
-    for piece in pieces:
-        assert piece in err, (piece, err)
-    return err
-
-
 def test_cli_trains_on_detected_idx_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_set(tmp_path / "data" / "fashion-mnist", n_train=60, n_test=20)
     out = tmp_path / "run"
@@ -404,3 +429,6 @@ def test_cli_errors(server: Server, tmp_path: Path, capsys: pytest.CaptureFixtur
                  "IDX type code 0x0c")
     expect_error(capsys, ["train", *FAST, *run, "--data-dir", str(server.root / "files")],
                  "holds IDX files, but which dataset is it?")
+    expect_error(capsys, ["train", *FAST, *run, "--image-size", "14"], "image_size applies to image folders and "
+                 "the MNIST family; digits images have a fixed size")
+    expect_error(capsys, ["train", *FAST, *run, "--train-size", "0"], "train_size must be >= 1")

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 Indices = Tensor | Sequence[int]
@@ -98,6 +99,18 @@ class TensorImageDataset(ImageDataset):
 
     def _fetch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         return self.images[indices], self.labels[indices]
+
+    def resized(self, size: int, *, chunk: int = 8192) -> TensorImageDataset:
+        r"""The images area-resampled to ``size``×``size`` (each output pixel the mean of the input pixels it
+        covers, as :func:`torch.nn.functional.interpolate` ``mode="area"``: a plain k×k block mean when the
+        side shrinks by an integer factor k), rounded to uint8; ``chunk`` images at a time."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int; got {size!r}")
+        if self.image_shape[1:] == (size, size):
+            return self
+        parts = [F.interpolate(part.float(), size=(size, size), mode="area").round_().clamp_(0, 255).to(torch.uint8)
+                 for part in self.images.split(chunk)]
+        return TensorImageDataset(torch.cat(parts), self.labels)
 
     def _select(self, indices: Tensor) -> TensorImageDataset:
         return TensorImageDataset(self.images[indices], self.labels[indices])

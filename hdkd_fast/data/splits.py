@@ -21,6 +21,8 @@ EPOCH_STREAM = 3
 """Stream id of the epoch orders of :class:`~hdkd_fast.data.EpochLoader`."""
 STATS_STREAM = 4
 """Stream id of the image sample that channel statistics are estimated on."""
+TRAIN_SUBSET_STREAM = 5
+"""Stream id of the training subset of ``load_dataset(train_size=...)``."""
 
 _MASK64 = (1 << 64) - 1
 

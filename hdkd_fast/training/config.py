@@ -61,6 +61,8 @@ class TrainConfig:
     temperature: float = 4.0
     val_size: float | None = None
     limit: int | None = None
+    image_size: int | None = None
+    train_size: int | None = None
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
@@ -113,7 +115,7 @@ class TrainConfig:
         check_choice(self.backend, "backend", backend_choices())
         check_count(self.batch_size, "batch_size", minimum=2)  # BatchNorm trains on two samples or more
         check_count(self.update_every, "update_every")
-        for name in ("epochs", "limit"):
+        for name in ("epochs", "limit", "image_size", "train_size"):
             if getattr(self, name) is not None:
                 check_count(getattr(self, name), name)
         check_count(self.workers, "workers", minimum=0)

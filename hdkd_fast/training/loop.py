@@ -356,7 +356,8 @@ def load_teacher(path: str, num_classes: int, input_shape: tuple[int, ...] | Non
 def _run_data(config: TrainConfig) -> DataBundle:
     """The run's data set, with at most ``config.limit`` images per split (the first ones; for smoke tests
     and demos)."""
-    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed)
+    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed,
+                        image_size=config.image_size, train_size=config.train_size)
     if config.limit is None:
         return data
     limit = config.limit
