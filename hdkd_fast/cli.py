@@ -16,6 +16,7 @@ from pathlib import Path
 from .backends import backend_choices
 from .bilevel.hdkd import VALIDATION_OBJECTIVES
 from .bilevel.hypergrad import HYPERGRAD_MODES
+from .bilevel.weights import PARAMETERIZATIONS
 from .data.load import DATASETS, IDX_DATASETS
 from .evaluation import BUDGET_PROTOCOLS
 from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, RESUME_FIELDS, SCHEDULES, TrainConfig
@@ -112,6 +113,8 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("hdkd (harmonized weights)")
     g.add_argument("--hypergrad", choices=HYPERGRAD_MODES, default=d.hypergrad)
     g.add_argument("--weight-lr", type=float, default=d.weight_lr, help="Adam lr of the weights φ")
+    g.add_argument("--weight-parameterization", choices=PARAMETERIZATIONS, default=d.weight_parameterization,
+                   help="softmax: all weights share a fixed sum; gated: CE weights fixed, one gate per KD pair")
     g.add_argument("--update-every", type=int, default=d.update_every)
     g.add_argument("--validation", choices=VALIDATION_OBJECTIVES, default=d.validation)
     g = p.add_argument_group("other methods")

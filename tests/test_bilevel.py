@@ -130,13 +130,14 @@ def test_hypergradients_match_each_other_and_a_hand_written_step(case: str) -> N
 
 @pytest.mark.parametrize("backend", hk.available_backends("cpu"))
 @pytest.mark.parametrize(("pairs", "parameterization", "detach_teacher"),
-                         [("last", "softplus", True), ("adjacent", "softmax", False), ("dense", "softplus", False)])
+                         [("last", "softplus", True), ("adjacent", "softmax", False), ("dense", "softplus", False),
+                          ("dense", "gated", True)])
 def test_modes_agree_for_every_pair_selection(pairs: str, parameterization: str, detach_teacher: bool,
                                               backend: str) -> None:
     criterion = hk.DenseKD(temperature=T, pairs=pairs, detach_teacher=detach_teacher, backend=backend)
     weights = HarmonizedWeights(K, pairs, parameterization=parameterization).double()
     with torch.no_grad():
-        weights.phi.add_(0.3 * torch.randn(weights.num_objectives, dtype=torch.float64))
+        weights.phi.add_(0.3 * torch.randn(weights.phi.numel(), dtype=torch.float64))
     _, _, hdkd = make(3, criterion=criterion, weights=weights, hypergrad="exact")
     data = batches(4)
     (exact,) = hdkd.hypergradient(*data)
@@ -376,7 +377,7 @@ def test_autocast_bf16_float32_model() -> None:
 
 # -- HarmonizedWeights -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("parameterization", ["softmax", "softplus", "fixed"])
+@pytest.mark.parametrize("parameterization", ["softmax", "softplus", "gated", "fixed"])
 def test_weights_start_uniform(parameterization: str) -> None:
     w = HarmonizedWeights(4, "dense", parameterization=parameterization)
     assert w.num_objectives == 4 + 6
@@ -397,6 +398,25 @@ def test_weights_order_init_and_softmax_normalization() -> None:
     torch.testing.assert_close(soft.vector(), torch.tensor([0.5, 1.0, 1.5, 1.0, 1.0]))  # rescaled to sum 5
     plus = HarmonizedWeights(3, "last", parameterization="softplus", init=init)
     torch.testing.assert_close(plus.vector(), torch.tensor([1.0, 2.0, 3.0, 2.0, 2.0]))
+    gated = HarmonizedWeights(3, "last", parameterization="gated", init=init)
+    torch.testing.assert_close(gated.vector(), torch.tensor([1.0, 2.0, 3.0, 2.0, 2.0]))
+
+
+def test_gated_weights_fix_ce_and_bound_each_gate() -> None:
+    """w = (ce⁰, 2·kd⁰·σ(φ)): only the K(K−1)/2 gates are parameters, each in (0, 2·kd⁰), and ∂w/∂φ_p is
+    2·kd⁰_p·σ(φ_p)(1 − σ(φ_p)) on its own pair (float64)."""
+    w = HarmonizedWeights(4, "dense", parameterization="gated").double()
+    assert w.phi.shape == (6,)
+    with torch.no_grad():
+        w.phi.copy_(torch.tensor([-40.0, -1.0, 0.0, 0.5, 3.0, 40.0], dtype=torch.float64))
+    v = w.vector()
+    torch.testing.assert_close(v[:4], torch.ones(4, dtype=torch.float64))
+    assert v[4] < 1e-15 and abs(v[9] - 2.0) < 1e-15 and bool(((v[4:] >= 0) & (v[4:] <= 2)).all())
+    jac = torch.autograd.functional.jacobian(lambda phi: 2 * torch.sigmoid(phi), w.phi.detach())
+    (grad,) = torch.autograd.grad(v, w.phi, torch.cat((torch.zeros(4), torch.ones(6))).double(), retain_graph=True)
+    torch.testing.assert_close(grad, jac.diagonal(), rtol=1e-12, atol=0)
+    (none,) = torch.autograd.grad(v, w.phi, torch.cat((torch.ones(4), torch.zeros(6))).double())
+    assert not none.any()  # the CE weights do not depend on φ
 
 
 def test_weights_bad_input() -> None:

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from .._pairs import PairMask, PairSpec, pair_mask, selected_pairs
 from .._types import KDLosses, LossWeights
 
-PARAMETERIZATIONS = ("softmax", "softplus", "fixed")
+PARAMETERIZATIONS = ("softmax", "softplus", "gated", "fixed")
 
 
 class HarmonizedWeights(nn.Module):
@@ -27,13 +27,18 @@ class HarmonizedWeights(nn.Module):
       simply inflating every weight; the weights only trade off against each other.
     - ``"softplus"``: :math:`w = \log(1 + e^{\varphi})`, positive and unnormalized
       (:math:`\varphi_0 = \log(e - 1)` gives :math:`w = 1`).
+    - ``"gated"``: the K CE weights stay at their initial values (a buffer) and each KD pair gets a gate,
+      :math:`w_p = 2\,w^0_p\,\sigma(\varphi_p)` with :math:`\varphi_p = 0` at the start (so
+      :math:`w_p = w^0_p`, and :math:`w_p \in (0, 2 w^0_p)`). The bilevel step then only decides how much
+      each teacher → student pair should distil; no exit's cross-entropy can be starved, and the search
+      space holds both plain per-exit CE (every gate shut) and uniform dense KD (every gate at its start).
     - ``"fixed"``: constant weights (a buffer, no parameters): the fixed-weight baseline.
 
     Args:
         num_exits: K.
         pairs: the criterion's pair selection (``"dense"``, ``"last"``, ``"adjacent"`` or a boolean
             ``Tensor[K, K]`` mask); only these pairs get a weight.
-        parameterization: ``"softmax"``, ``"softplus"`` or ``"fixed"``.
+        parameterization: ``"softmax"``, ``"softplus"``, ``"gated"`` or ``"fixed"``.
         init: initial weights (positive, finite; entries of ``kd`` outside the pairs are ignored);
             uniform 1 when ``None``. With ``"softmax"`` they are rescaled to sum to ``n``.
 
@@ -63,6 +68,7 @@ class HarmonizedWeights(nn.Module):
         self.pair_rows: Tensor
         self.pair_cols: Tensor
         self.fixed: Tensor
+        self.gate_scale: Tensor
         rows = torch.tensor([i for i, _ in self.pairs], dtype=torch.long)
         cols = torch.tensor([j for _, j in self.pairs], dtype=torch.long)
         self.register_buffer("pair_rows", rows, persistent=False)
@@ -72,6 +78,10 @@ class HarmonizedWeights(nn.Module):
             self.phi = nn.Parameter(w0.log())
         elif parameterization == "softplus":
             self.phi = nn.Parameter(w0 + torch.log(-torch.expm1(-w0)))  # softplus⁻¹(w)
+        elif parameterization == "gated":
+            self.register_buffer("fixed", w0[:num_exits].clone())
+            self.register_buffer("gate_scale", 2 * w0[num_exits:])
+            self.phi = nn.Parameter(torch.zeros(len(self.pairs)))
         else:
             self.register_buffer("fixed", w0)
 
@@ -115,6 +125,8 @@ class HarmonizedWeights(nn.Module):
             return self.num_objectives * torch.softmax(self.phi, dim=0)
         if self.parameterization == "softplus":
             return F.softplus(self.phi)
+        if self.parameterization == "gated":
+            return torch.cat((self.fixed, self.gate_scale * torch.sigmoid(self.phi)))
         return self.fixed
 
     def forward(self) -> LossWeights:

@@ -15,6 +15,7 @@ from .._validation import check_choice, check_count, check_nonnegative, check_po
 from ..backends import backend_choices
 from ..bilevel.hdkd import VALIDATION_OBJECTIVES
 from ..bilevel.hypergrad import HYPERGRAD_MODES
+from ..bilevel.weights import PARAMETERIZATIONS
 from ..data.load import IDX_DATASETS
 from ..evaluation import BUDGET_PROTOCOLS, DEFAULT_BUDGET_PROTOCOL
 from .methods import METHODS, method_class
@@ -72,6 +73,7 @@ class TrainConfig:
     # hdkd
     hypergrad: str = "jvp"
     weight_lr: float = 1e-3
+    weight_parameterization: str = "softmax"
     update_every: int = 1
     validation: str = "ce"
     # dbt
@@ -109,6 +111,7 @@ class TrainConfig:
         check_choice(self.amp, "amp", AMP_MODES)
         check_choice(self.device, "device", DEVICES)
         check_choice(self.hypergrad, "hypergrad", HYPERGRAD_MODES)
+        check_choice(self.weight_parameterization, "weight_parameterization", PARAMETERIZATIONS)
         check_choice(self.validation, "validation", VALIDATION_OBJECTIVES)
         check_choice(self.dbt_schedule, "dbt_schedule", DBT_SCHEDULES)
         check_choice(self.budget_protocol, "budget_protocol", tuple(BUDGET_PROTOCOLS))

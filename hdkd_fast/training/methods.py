@@ -272,7 +272,8 @@ class HarmonizedDenseDistillation(TrainMethod):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        weights = HarmonizedWeights(self.num_exits, "dense").to(self.device())
+        weights = HarmonizedWeights(self.num_exits, "dense",
+                                    parameterization=self.config.weight_parameterization).to(self.device())
         self.hdkd = HDKD(
             self.model, self.optimizer, criterion=self.criterion, weights=weights,
             weight_optimizer=torch.optim.Adam(weights.parameters(), lr=self.config.weight_lr),
