@@ -131,7 +131,7 @@ def test_hypergradients_match_each_other_and_a_hand_written_step(case: str) -> N
 @pytest.mark.parametrize("backend", hk.available_backends("cpu"))
 @pytest.mark.parametrize(("pairs", "parameterization", "detach_teacher"),
                          [("last", "softplus", True), ("adjacent", "softmax", False), ("dense", "softplus", False),
-                          ("dense", "gated", True)])
+                          ("dense", "gated", True), ("dense", "per_exit", False)])
 def test_modes_agree_for_every_pair_selection(pairs: str, parameterization: str, detach_teacher: bool,
                                               backend: str) -> None:
     criterion = hk.DenseKD(temperature=T, pairs=pairs, detach_teacher=detach_teacher, backend=backend)
@@ -377,7 +377,7 @@ def test_autocast_bf16_float32_model() -> None:
 
 # -- HarmonizedWeights -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("parameterization", ["softmax", "softplus", "gated", "fixed"])
+@pytest.mark.parametrize("parameterization", ["softmax", "per_exit", "softplus", "gated", "fixed"])
 def test_weights_start_uniform(parameterization: str) -> None:
     w = HarmonizedWeights(4, "dense", parameterization=parameterization)
     assert w.num_objectives == 4 + 6
@@ -400,6 +400,33 @@ def test_weights_order_init_and_softmax_normalization() -> None:
     torch.testing.assert_close(plus.vector(), torch.tensor([1.0, 2.0, 3.0, 2.0, 2.0]))
     gated = HarmonizedWeights(3, "last", parameterization="gated", init=init)
     torch.testing.assert_close(gated.vector(), torch.tensor([1.0, 2.0, 3.0, 2.0, 2.0]))
+    per_exit = HarmonizedWeights(3, "last", parameterization="per_exit", init=init)  # groups {0, 3}, {1, 4}, {2}
+    torch.testing.assert_close(per_exit.vector(), torch.tensor([2 / 3, 1.0, 1.0, 4 / 3, 1.0]))
+
+
+def test_per_exit_weights_are_one_softmax_per_student() -> None:
+    """Student i's objectives G_i = {ce_i} ∪ {kd_ij} get |G_i|·softmax(φ_{G_i}), against a float64 closed form,
+    with the Jacobian of the whole map."""
+    w = HarmonizedWeights(4, "dense", parameterization="per_exit").double()
+    with torch.no_grad():
+        w.phi.copy_(torch.randn(10, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    groups = [[0, 4, 5, 6], [1, 7, 8], [2, 9], [3]]
+    assert [g.tolist() for g in w.groups] == groups
+
+    def closed_form(phi: torch.Tensor) -> torch.Tensor:
+        out = [torch.zeros((), dtype=torch.float64)] * 10
+        for g in groups:
+            e = [phi[o].exp() for o in g]
+            for o, v in zip(g, e, strict=True):
+                out[o] = len(g) * v / sum(e)
+        return torch.stack(out)
+
+    phi = w.phi.detach()
+    torch.testing.assert_close(w.vector(), closed_form(phi), rtol=1e-12, atol=0)
+    assert [round(float(w.vector()[g].sum()), 12) for g in groups] == [4.0, 3.0, 2.0, 1.0]
+    want = torch.autograd.functional.jacobian(closed_form, phi)
+    got = torch.autograd.functional.jacobian(lambda t: w.flatten(torch.func.functional_call(w, {"phi": t}, ())), phi)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_gated_weights_fix_ce_and_bound_each_gate() -> None:

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from .._pairs import PairMask, PairSpec, pair_mask, selected_pairs
 from .._types import KDLosses, LossWeights
 
-PARAMETERIZATIONS = ("softmax", "softplus", "gated", "fixed")
+PARAMETERIZATIONS = ("softmax", "per_exit", "softplus", "gated", "fixed")
 
 
 class HarmonizedWeights(nn.Module):
@@ -25,6 +25,11 @@ class HarmonizedWeights(nn.Module):
     - ``"softmax"`` (default): :math:`w = n \cdot \mathrm{softmax}(\varphi)`, so :math:`\sum_o w_o = n`
       and :math:`w = 1` at :math:`\varphi = 0`. The fixed total keeps a one-step lookahead from
       simply inflating every weight; the weights only trade off against each other.
+    - ``"per_exit"``: one softmax per student exit i over its own objectives :math:`G_i` = {CE of exit
+      i} ∪ {KD pairs (i, j)}: :math:`w_{G_i} = |G_i| \cdot \mathrm{softmax}(\varphi_{G_i})`. Each exit's
+      total weight stays :math:`|G_i|` (w = 1 at φ = 0), so the look-ahead can neither inflate the weights
+      nor move weight from one exit to another (starving it); it only decides, exit by exit, how much of
+      that exit's loss is its labels and how much each later exit's distillation.
     - ``"softplus"``: :math:`w = \log(1 + e^{\varphi})`, positive and unnormalized
       (:math:`\varphi_0 = \log(e - 1)` gives :math:`w = 1`).
     - ``"gated"``: the K CE weights stay at their initial values (a buffer) and each KD pair gets a gate,
@@ -38,7 +43,7 @@ class HarmonizedWeights(nn.Module):
         num_exits: K.
         pairs: the criterion's pair selection (``"dense"``, ``"last"``, ``"adjacent"`` or a boolean
             ``Tensor[K, K]`` mask); only these pairs get a weight.
-        parameterization: ``"softmax"``, ``"softplus"``, ``"gated"`` or ``"fixed"``.
+        parameterization: ``"softmax"``, ``"per_exit"``, ``"softplus"``, ``"gated"`` or ``"fixed"``.
         init: initial weights (positive, finite; entries of ``kd`` outside the pairs are ignored);
             uniform 1 when ``None``. With ``"softmax"`` they are rescaled to sum to ``n``.
 
@@ -73,8 +78,13 @@ class HarmonizedWeights(nn.Module):
         cols = torch.tensor([j for _, j in self.pairs], dtype=torch.long)
         self.register_buffer("pair_rows", rows, persistent=False)
         self.register_buffer("pair_cols", cols, persistent=False)
+        self.groups = [
+            torch.tensor([i] + [num_exits + p for p, (row, _) in enumerate(self.pairs) if row == i], dtype=torch.long)
+            for i in range(num_exits)
+        ]
+        """Objective indices of each student exit i: its CE, then its pairs (i, j) (``"per_exit"``)."""
         w0 = self._initial_vector(init)
-        if parameterization == "softmax":
+        if parameterization in ("softmax", "per_exit"):
             self.phi = nn.Parameter(w0.log())
         elif parameterization == "softplus":
             self.phi = nn.Parameter(w0 + torch.log(-torch.expm1(-w0)))  # softplus⁻¹(w)
@@ -102,6 +112,9 @@ class HarmonizedWeights(nn.Module):
             raise ValueError("init weights must be finite and > 0 on every objective")
         if self.parameterization == "softmax":
             w0 = w0 * (n / w0.sum())
+        if self.parameterization == "per_exit":
+            for group in self.groups:
+                w0[group] = w0[group] * (len(group) / w0[group].sum())
         return w0
 
     def flatten(self, values: KDLosses | LossWeights) -> Tensor:
@@ -123,6 +136,12 @@ class HarmonizedWeights(nn.Module):
         """The weights ``Tensor[n]`` in objective order."""
         if self.parameterization == "softmax":
             return self.num_objectives * torch.softmax(self.phi, dim=0)
+        if self.parameterization == "per_exit":
+            out = torch.zeros_like(self.phi)
+            for group in self.groups:
+                group = group.to(self.phi.device)
+                out = out.index_put((group,), len(group) * torch.softmax(self.phi[group], dim=0))
+            return out
         if self.parameterization == "softplus":
             return F.softplus(self.phi)
         if self.parameterization == "gated":
