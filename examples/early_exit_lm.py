@@ -198,9 +198,9 @@ def plot(results: list[dict[str, object]], path: Path, title: str) -> None:
     for r in results:
         ax.plot(r["exit_layers"], r["ppl"], marker="o",  # type: ignore[arg-type]
                 label=f"{r['method']} ({r['tokens_per_s']:.0f} tok/s)")
+    ax.set_xticks(results[0]["exit_layers"])  # type: ignore[arg-type]
     ax.set_xlabel("exit after layer")
     ax.set_ylabel("evaluation perplexity")
-    ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
