@@ -47,7 +47,7 @@ from ._validation import (
 from .backends import get_backend
 from .backends.torch_backend import row_scales
 from .functional import _spec, weight_tensors
-from .modules import DenseKD
+from .modules import DenseKDConfig
 
 Hidden = Tensor | Sequence[Tensor]
 """``Tensor[K, N, H]`` or a sequence of K ``Tensor[N, H]``: the exits' (final-normed) hidden states."""
@@ -396,7 +396,7 @@ def fused_linear_dense_kd(
     return KDLosses(ce if target is not None else None, kd)
 
 
-class FusedLinearDenseKD(DenseKD):
+class FusedLinearDenseKD(DenseKDConfig):
     r"""The weighted objective :math:`\sum_k \alpha_k \mathrm{ce}[k] + \sum_{ij} \gamma_{ij} \mathrm{kd}[i, j]`
     of :func:`fused_linear_dense_kd`, as an ``nn.Module`` configured like :class:`hdkd_fast.DenseKD`
     (same arguments, plus ``vocab_size`` and ``chunk_size``).
@@ -406,7 +406,9 @@ class FusedLinearDenseKD(DenseKD):
     replaces ``ce_weight``/``kd_weight`` for one call. The weights are known in forward, so the forward
     sweep also accumulates the gradients of hidden, weight and bias, and backward only scales them
     (:math:`\partial L/\partial\alpha = \mathrm{ce}`, :math:`\partial L/\partial\gamma = \mathrm{kd}` for
-    tensor weights). Its loss is in float32 (float64 for float64 inputs).
+    tensor weights). Its loss is in float32 (float64 for float64 inputs). It shares its configuration with
+    :class:`hdkd_fast.DenseKD` (:class:`hdkd_fast.modules.DenseKDConfig`) but is not one: criteria that
+    take logits, such as :class:`hdkd_fast.HDKD`'s, refuse it.
     """
 
     def __init__(self, num_exits: int | None = None, *, vocab_size: int | None = None,
@@ -418,7 +420,7 @@ class FusedLinearDenseKD(DenseKD):
         self.vocab_size = None if vocab_size is None else check_count(vocab_size, "vocab_size")
         self.chunk_size = None if chunk_size is None else check_count(chunk_size, "chunk_size")
 
-    def forward(self, hidden: Hidden, weight: Tensor, target: Tensor | None = None,  # type: ignore[override]
+    def forward(self, hidden: Hidden, weight: Tensor, target: Tensor | None = None,
                 bias: Tensor | None = None, weights: LossWeights | None = None) -> Tensor:
         info = check_logits(hidden, "hidden", num_exits=self.num_exits)
         acc = _acc_dtype(weight if isinstance(weight, Tensor) else None, *info.tensors)

@@ -282,3 +282,6 @@ def test_module_bad_arguments():
         hk.FusedLinearDenseKD(3)(hidden, weight, target, bias)
     with pytest.raises(ValueError, match="kd_weight must have shape"):
         hk.FusedLinearDenseKD(kd_weight=torch.ones(3))(hidden, weight, target, bias)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match=r"criterion must be a hdkd_fast\.DenseKD"):
+        hk.HDKD(model, torch.optim.SGD(model.parameters(), lr=0.1), criterion=hk.FusedLinearDenseKD())
