@@ -1,6 +1,7 @@
 """hdkd_fast: fused dense knowledge distillation for multi-exit networks.
 
 Public API (docs/design.md §Layers): :func:`dense_kd_losses`, :func:`dense_kd`, :class:`DenseKD`,
+:func:`fused_linear_dense_kd` and :class:`FusedLinearDenseKD` (dense KD fused with a shared LM head),
 :class:`KDLosses`, :class:`LossWeights`, :func:`available_backends` (the backend registry:
 :mod:`hdkd_fast.backends`), and the readable baseline
 :class:`hdkd_fast.reference.DenseKD`. Subpackages: :mod:`hdkd_fast.models` (multi-exit networks),
@@ -18,11 +19,13 @@ from ._version import __version__
 from .backends import available_backends
 from .bilevel import HDKD, HarmonizedWeights
 from .functional import dense_kd, dense_kd_losses
+from .fused_linear import FusedLinearDenseKD, fused_linear_dense_kd
 from .modules import DenseKD
 
 __all__ = [
     "HDKD",
     "DenseKD",
+    "FusedLinearDenseKD",
     "HarmonizedWeights",
     "KDLosses",
     "LossWeights",
@@ -34,6 +37,7 @@ __all__ = [
     "dense_kd_losses",
     "distill",
     "evaluation",
+    "fused_linear_dense_kd",
     "inference",
     "models",
     "pair_mask",

@@ -113,12 +113,7 @@ class DenseKDFunction(torch.autograd.Function):
                  _g_grad: Tensor | None) -> tuple[Tensor | None, ...]:
         spec: OpSpec = ctx.spec
         target, ce_weight, kd_weight, ce, kd, grad, *logits = ctx.saved_tensors
-        d_ce_w = d_kd_w = None
-        if g_loss is not None:
-            if ctx.needs_input_grad[2] and ce_weight is not None:
-                d_ce_w = (g_loss * ce).to(ce_weight.dtype) if target is not None else torch.zeros_like(ce_weight)
-            if ctx.needs_input_grad[3] and kd_weight is not None:
-                d_kd_w = (g_loss * kd).to(kd_weight.dtype)
+        d_ce_w, d_kd_w = weight_grads(ctx.needs_input_grad, g_loss, target, ce_weight, kd_weight, ce, kd)
         d_logits: tuple[Tensor | None, ...] = (None,) * len(logits)
         if any(ctx.needs_input_grad[4:]):
             g = grad_function_class().apply(spec, target, ce_weight, kd_weight, g_loss, g_ce, g_kd, grad, *logits)
@@ -130,6 +125,20 @@ class DenseKDFunction(torch.autograd.Function):
              ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
         """Batching rule: the op once per slice of the vmapped dimension, outputs stacked on dim 0."""
         return _apply_per_slice(function_class(), info, in_dims, spec, args), (0, 0, 0, 0)
+
+
+def weight_grads(needs_input_grad: tuple[bool, ...], g_loss: Tensor | None, target: Tensor | None,
+                 ce_weight: Tensor | None, kd_weight: Tensor | None, ce: Tensor, kd: Tensor
+                 ) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``g_loss · loss`` w.r.t. the objective weights (inputs 2 and 3): ``g_loss · ce`` (zeros
+    without a target) and ``g_loss · kd``, each ``None`` where not needed."""
+    d_ce_w = d_kd_w = None
+    if g_loss is not None:
+        if needs_input_grad[2] and ce_weight is not None:
+            d_ce_w = (g_loss * ce).to(ce_weight.dtype) if target is not None else torch.zeros_like(ce_weight)
+        if needs_input_grad[3] and kd_weight is not None:
+            d_kd_w = (g_loss * kd).to(kd_weight.dtype)
+    return d_ce_w, d_kd_w
 
 
 def _objective_grad(spec: OpSpec, target: Tensor | None, ce_weight: Tensor | None, kd_weight: Tensor | None,
@@ -315,16 +324,25 @@ class DenseKDFunctionWithJvp(DenseKDFunction):
             tangents = [t if t is not None else torch.zeros_like(x) for t, x in zip(logits_t, logits, strict=True)]
             jvp_ce, d_kd = ObjectivesJvpFunction.apply(spec, target, *logits, *tangents)
             d_ce = jvp_ce if target is not None else d_ce
-        d_loss = torch.zeros((), dtype=kd.dtype, device=kd.device)
-        if ce_weight is not None and kd_weight is not None:
-            d_loss = d_loss + _weighted_sum(kd_weight, d_kd)
-            if kd_weight_t is not None:
-                d_loss = d_loss + _weighted_sum(kd_weight_t, kd)
-            if target is not None:
-                d_loss = d_loss + _weighted_sum(ce_weight, d_ce)
-                if ce_weight_t is not None:
-                    d_loss = d_loss + _weighted_sum(ce_weight_t, ce)
+        d_loss = loss_tangent(ce_weight, kd_weight, ce if target is not None else None, kd, d_ce, d_kd,
+                              ce_weight_t, kd_weight_t)
         return d_ce, d_kd, d_loss, None
+
+
+def loss_tangent(ce_weight: Tensor | None, kd_weight: Tensor | None, ce: Tensor | None, kd: Tensor, d_ce: Tensor,
+                 d_kd: Tensor, ce_weight_t: Tensor | None, kd_weight_t: Tensor | None) -> Tensor:
+    r""":math:`dL = \sum \alpha\, d\mathrm{ce} + \sum \gamma\, d\mathrm{kd} + \sum d\alpha\,\mathrm{ce}
+    + \sum d\gamma\,\mathrm{kd}` (0 for an unweighted call; the CE terms only with a target, ``ce``)."""
+    d_loss = torch.zeros((), dtype=kd.dtype, device=kd.device)
+    if ce_weight is not None and kd_weight is not None:
+        d_loss = d_loss + _weighted_sum(kd_weight, d_kd)
+        if kd_weight_t is not None:
+            d_loss = d_loss + _weighted_sum(kd_weight_t, kd)
+        if ce is not None:
+            d_loss = d_loss + _weighted_sum(ce_weight, d_ce)
+            if ce_weight_t is not None:
+                d_loss = d_loss + _weighted_sum(ce_weight_t, ce)
+    return d_loss
 
 
 def function_class() -> type[DenseKDFunction]:

@@ -37,6 +37,17 @@ def _spec(info: LogitsInfo, *, temperature: float, pairs: PairSpec, detach_teach
     )
 
 
+def weight_tensors(ce_weight: float | Tensor, kd_weight: float | Tensor, info: LogitsInfo, dtype: torch.dtype
+                   ) -> tuple[Tensor, Tensor]:
+    """The checked objective weights as ``Tensor[K]`` and ``Tensor[K, K]`` (numbers become ``dtype`` tensors)."""
+    k = info.num_exits
+    ce_w = check_weight(ce_weight, "ce_weight", (k,), info)
+    kd_w = check_weight(kd_weight, "kd_weight", (k, k), info)
+    ce_t = ce_w if isinstance(ce_w, Tensor) else torch.full((k,), ce_w, dtype=dtype, device=info.device)
+    kd_t = kd_w if isinstance(kd_w, Tensor) else torch.full((k, k), kd_w, dtype=dtype, device=info.device)
+    return ce_t, kd_t
+
+
 def dense_kd_losses(
     logits: Logits,
     target: Tensor | None = None,
@@ -117,12 +128,7 @@ def dense_kd(
     """
     info = check_logits(logits)
     target = check_target(target, info)
-    k = info.num_exits
-    acc = accumulation_dtype(info.dtype)
-    ce_w = check_weight(ce_weight, "ce_weight", (k,), info)
-    kd_w = check_weight(kd_weight, "kd_weight", (k, k), info)
-    ce_t = ce_w if isinstance(ce_w, Tensor) else torch.full((k,), ce_w, dtype=acc, device=info.device)
-    kd_t = kd_w if isinstance(kd_w, Tensor) else torch.full((k, k), kd_w, dtype=acc, device=info.device)
+    ce_t, kd_t = weight_tensors(ce_weight, kd_weight, info, accumulation_dtype(info.dtype))
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in info.tensors)
     spec = _spec(info, temperature=temperature, pairs=pairs, detach_teacher=detach_teacher,
                  ignore_index=ignore_index, reduction="mean", backend=backend, compute_grad=compute_grad)

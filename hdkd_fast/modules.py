@@ -1,4 +1,5 @@
-"""``DenseKD``: the loss as an ``nn.Module`` holding its configuration."""
+"""``DenseKD``: the loss as an ``nn.Module`` holding its configuration (``DenseKDConfig``, shared with
+``FusedLinearDenseKD``)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,13 @@ from .backends import check_backend
 from .functional import dense_kd
 
 
-class DenseKD(nn.Module):
-    r"""Dense knowledge distillation over the exits of a multi-exit network.
-
-    ``forward(logits, target=None, weights=None)`` returns the scalar
-    :math:`\sum_k \alpha_k \mathrm{ce}[k] + \sum_{ij} \gamma_{ij} \mathrm{kd}[i, j]` of
-    :func:`hdkd_fast.dense_kd`, where α, γ are ``ce_weight``/``kd_weight`` or, when given, the
-    per-call ``weights`` (e.g. from :class:`hdkd_fast.HarmonizedWeights`).
+class DenseKDConfig(nn.Module):
+    """The configuration the dense-KD loss modules share (:class:`DenseKD`, which takes logits, and
+    :class:`hdkd_fast.FusedLinearDenseKD`, which takes hidden states and a head): checked once here.
 
     Tensor weights are registered as buffers (or stay parameters if they are ``nn.Parameter``) so
     they follow ``.to(device)`` and the ``state_dict``. ``num_exits``, when given, is checked
-    against every call's K. :class:`hdkd_fast.reference.DenseKD` has the same signature.
+    against every call's K.
     """
 
     def __init__(
@@ -55,6 +52,22 @@ class DenseKD(nn.Module):
             else:
                 setattr(self, name, value)
 
+    def extra_repr(self) -> str:
+        pairs = self.pairs if isinstance(self.pairs, str) else "mask"
+        return (f"num_exits={self.num_exits}, temperature={self.temperature}, pairs={pairs!r}, "
+                f"detach_teacher={self.detach_teacher}, backend={self.backend!r}")
+
+
+class DenseKD(DenseKDConfig):
+    r"""Dense knowledge distillation over the exits of a multi-exit network.
+
+    ``forward(logits, target=None, weights=None)`` returns the scalar
+    :math:`\sum_k \alpha_k \mathrm{ce}[k] + \sum_{ij} \gamma_{ij} \mathrm{kd}[i, j]` of
+    :func:`hdkd_fast.dense_kd`, where α, γ are ``ce_weight``/``kd_weight`` or, when given, the
+    per-call ``weights`` (e.g. from :class:`hdkd_fast.HarmonizedWeights`). Constructor arguments: see
+    :class:`DenseKDConfig`; :class:`hdkd_fast.reference.DenseKD` has the same signature.
+    """
+
     def forward(self, logits: Logits, target: Tensor | None = None, weights: LossWeights | None = None) -> Tensor:
         if self.num_exits is not None:
             k = logits.shape[0] if isinstance(logits, Tensor) else len(logits)
@@ -66,8 +79,3 @@ class DenseKD(nn.Module):
             pairs=self.pairs, detach_teacher=self.detach_teacher, ignore_index=self.ignore_index,
             backend=self.backend,
         )
-
-    def extra_repr(self) -> str:
-        pairs = self.pairs if isinstance(self.pairs, str) else "mask"
-        return (f"num_exits={self.num_exits}, temperature={self.temperature}, pairs={pairs!r}, "
-                f"detach_teacher={self.detach_teacher}, backend={self.backend!r}")
