@@ -16,7 +16,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("_version", "_types", "_validation", "_pairs", "_distributed", "_ext_spec", "_ext_loader"),
     ("backends", "models", "data"),
     ("_autograd", "inference"),
-    ("functional", "modules", "reference", "evaluation"),
+    ("functional", "modules", "fused_linear", "reference", "evaluation"),
     ("bilevel", "distill"),
     ("training", "info", "bench", "build", "cli", "__main__"),
 )
