@@ -32,7 +32,14 @@ from typing import Any
 EXT_NAME = "hdkd_fast._C"
 
 # Sources, relative to the csrc/ folder (shipped inside the package as hdkd_fast/csrc).
-CPU_SOURCES = ("dense_kd_ops.cpp", "cpu/dense_kd_cpu.cpp", "cpu/dense_kd_cpu_default.cpp")
+CPU_SOURCES = (
+    "dense_kd_ops.cpp",
+    "dense_kd_host.cpp",
+    "cpu/dense_kd_cpu_ops.cpp",
+    "cpu/grad_buffer_pool.cpp",
+    "cpu/dense_kd_cpu.cpp",
+    "cpu/dense_kd_cpu_default.cpp",
+)
 CPU_KERNEL = "cpu/dense_kd_cpu_kernel.cpp"
 """Compiled once more per instruction-set variant (with that variant's flags), as PyTorch does."""
 CUDA_SOURCES = ("cuda/dense_kd_kernels.cu", "cuda/dense_kd_cuda.cpp")
