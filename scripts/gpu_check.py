@@ -18,7 +18,8 @@ stage is reported and the later ones still run:
   subprocess, into a temporary directory;
 - ``bench``: ``pytest bench/test_bench_dense_kd.py --full`` (``--tiny`` in the dry run) with
   ``--budget-s``, writing ``DIR/bench.json``; then the floors, peak memory and targets of
-  ``bench/report.py``.
+  ``bench/report.py``; then, on the time left, ``pytest bench/test_bench_fused_linear.py`` (the fused LM-head
+  op against the materialized path, ``DIR/fused_linear.json``).
 
 Writes ``DIR/gpu_check.json`` (everything) and ``DIR/gpu_check.md`` (the report), prints the report's
 summary last, and exits 1 when a stage failed. ``--dry-run`` runs the same stages on the CPU with tiny
@@ -341,7 +342,9 @@ class Check:
     def bench(self, stage: Stage, deadline: float) -> tuple[bool, str]:
         report = _load_report()
         json_path = self.out / "bench.json"
-        budget = max(5.0, deadline - time.monotonic() - 25)  # pytest start-up, JSON, the last case
+        # 85 % of the stage for the dense-KD grid, the rest for the fused LM-head op; 25 s for pytest start-up,
+        # the JSON and the last case
+        budget = max(5.0, 0.85 * (deadline - time.monotonic()) - 25)
         cmd = [sys.executable, "-P", "-m", "pytest", str(ROOT / "bench" / "test_bench_dense_kd.py"), "-q",
                "-p", "no:cacheprovider", "--tiny" if self.dry else "--full", "--budget-s", f"{budget:.0f}",
                "--benchmark-json", str(json_path), "--benchmark-columns", "median,rounds,iterations", "-rs"]
@@ -366,7 +369,33 @@ class Check:
         passed = Counter({True: "pass", False: "fail", None: "not measured"}[r["passed"]] for r in rows)
         summary = (f"{len(run['benchmarks'])} benchmarks, copy {bw / 1e9 if bw else 0:.0f} GB/s; targets: "
                    + ", ".join(f"{n} {s}" for s, n in sorted(passed.items())) + f"; pytest exit code {rc}")
-        return rc == 0, summary
+        fused_ok, fused_summary = self._bench_fused_linear(deadline)
+        return rc == 0 and fused_ok, summary + "; " + fused_summary
+
+    def _bench_fused_linear(self, deadline: float) -> tuple[bool, str]:
+        """``pytest bench/test_bench_fused_linear.py`` (``--full`` on the GPU, ``--tiny`` in the dry run) on the
+        time left, writing ``DIR/fused_linear.json``: time and peak extra memory of the fused LM-head op against
+        the materialized path and the per-pair loop (issue 14's GPU rows)."""
+        json_path = self.out / "fused_linear.json"
+        budget = deadline - time.monotonic() - 10
+        if budget < 5:
+            self.data["fused_linear"] = []
+            return True, "fused linear: no time left"
+        cmd = [sys.executable, "-P", "-m", "pytest", str(ROOT / "bench" / "test_bench_fused_linear.py"), "-q",
+               "-p", "no:cacheprovider", "--tiny" if self.dry else "--full", "--budget-s", f"{budget:.0f}",
+               "--benchmark-json", str(json_path), "-rs"]
+        log("$ " + " ".join(cmd))
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=budget + 60)
+            rc, output = done.returncode, done.stdout + done.stderr
+        except subprocess.TimeoutExpired as exc:
+            rc, output = -1, str(exc.stdout or "")
+        log("\n".join(output.splitlines()[-20:]))
+        runs = json.loads(json_path.read_text())["benchmarks"] if json_path.exists() else []
+        self.data["fused_linear"] = [
+            {**{k: b["extra_info"].get(k) for k in ("impl", "K", "N", "V", "H", "dtype", "peak_extra_bytes")},
+             "median_s": b["stats"]["median"]} for b in runs]
+        return rc in (0, 5), f"fused linear: {len(runs)} benchmarks, pytest exit code {rc}"
 
     # -- report ---------------------------------------------------------------------------------
     def write(self) -> None:
@@ -425,6 +454,14 @@ class Check:
                     f"{str(r.get('message', '')).splitlines()[-1] if r.get('message') else ''}" for r in bad[:60]]
         if bench:
             out += ["", "## Bench: floors and peak memory", "", bench["floor_table"]]
+        fused = self.data.get("fused_linear")
+        if fused:
+            out += ["", "## Fused linear dense KD (LM head): time and peak extra memory", "",
+                    "| impl | K | N | V | H | dtype | median ms | peak extra GB |", "|---|---|---|---|---|---|---|---|"]
+            out += [f"| {r['impl']} | {r['K']} | {r['N']} | {r['V']} | {r['H']} | {r['dtype']} | "
+                    f"{1e3 * r['median_s']:.2f} | "
+                    + ("" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 1e9:.2f}") + " |"
+                    for r in fused]
         return "\n".join(out) + "\n"
 
 

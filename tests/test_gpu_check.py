@@ -68,6 +68,9 @@ def test_dry_run_writes_every_stage(tmp_path: Path) -> None:
     for name in STAGES:
         assert f"| {name} | " in md, name
     assert "## Targets" in md and "DRY RUN" in md
+    fused = report["fused_linear"]  # the fused LM-head op's rows, after the dense-KD grid
+    assert (out / "fused_linear.json").exists() and {r["impl"] for r in fused} >= {"fused", "materialized"}, fused
+    assert all(r["median_s"] > 0 for r in fused) and "## Fused linear dense KD (LM head)" in md
     log = (out / "gpu_check.log").read_text()
     for name in STAGES[1:]:
         assert f"== stage {name}: PASS in" in log, name
