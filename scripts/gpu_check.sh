@@ -2,7 +2,7 @@
 # The GPU check of issue 13, in one go, on a bare H100/H200 machine (Python 3.12, torch + CUDA, triton,
 # nvcc; no network). Run from anywhere; results go to $OUT (default runs/gpu_check):
 #   gpu_check.md (the report: stages, targets with measured value and PASS/FAIL, test errors, floors),
-#   gpu_check.json (everything), bench.json (pytest-benchmark's), build.log, gpu_check.log (all output).
+#   gpu_check.json (everything), bench.json and fused_linear.json (pytest-benchmark's), build.log, gpu_check.log (all output).
 #
 #   bash scripts/gpu_check.sh                 # the GPU run: wheels, build (sm_90), scripts/gpu_check.py
 #   bash scripts/gpu_check.sh --dry-run       # the same stages on the CPU, tiny shapes, Triton interpreter
