@@ -209,7 +209,7 @@ def _compare(args: argparse.Namespace) -> int:
     if refused:
         raise ValueError(f"compare sets the method and seed of each run and continues stopped runs itself; "
                          f"remove {', '.join(_flag(name) for name in refused)}")
-    if isinstance(args.seeds, bool) or args.seeds < 1:
+    if args.seeds < 1:
         raise ValueError(f"--seeds must be a positive count; got {args.seeds}")
     if not args.methods:
         raise ValueError("--methods is required: the methods to compare")

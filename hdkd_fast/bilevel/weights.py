@@ -83,6 +83,9 @@ class HarmonizedWeights(nn.Module):
             for i in range(num_exits)
         ]
         """Objective indices of each student exit i: its CE, then its pairs (i, j) (``"per_exit"``)."""
+        self.student: Tensor
+        self.register_buffer("student", torch.cat((torch.arange(num_exits), rows)), persistent=False)
+        """The student exit of every objective, in objective order (its ``"per_exit"`` group)."""
         w0 = self._initial_vector(init)
         if parameterization in ("softmax", "per_exit"):
             self.phi = nn.Parameter(w0.log())
@@ -136,12 +139,13 @@ class HarmonizedWeights(nn.Module):
         """The weights ``Tensor[n]`` in objective order."""
         if self.parameterization == "softmax":
             return self.num_objectives * torch.softmax(self.phi, dim=0)
-        if self.parameterization == "per_exit":
-            out = torch.zeros_like(self.phi)
-            for group in self.groups:
-                group = group.to(self.phi.device)
-                out = out.index_put((group,), len(group) * torch.softmax(self.phi[group], dim=0))
-            return out
+        if self.parameterization == "per_exit":  # |G_i| · softmax within each group, all groups at once
+            k, phi, student = self.num_exits, self.phi, self.student
+            shift = phi.detach().new_full((k,), -torch.inf).scatter_reduce(0, student, phi.detach(), "amax")
+            e = (phi - shift[student]).exp()
+            sums = e.new_zeros(k).index_add(0, student, e)
+            sizes = torch.bincount(student, minlength=k).to(phi.dtype)
+            return sizes[student] * e / sums[student]
         if self.parameterization == "softplus":
             return F.softplus(self.phi)
         if self.parameterization == "gated":
