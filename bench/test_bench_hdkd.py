@@ -4,9 +4,11 @@ A multi-exit MLP (K blocks ``Linear(H, H) → ReLU``, each followed by a ``Linea
 dense pairs: ``K + K(K-1)/2`` objectives (32 exits: 528). Implementations, one training step each:
 
 - ``plain``: ``zero_grad``, forward, ``DenseKD`` with fixed weights, backward, ``optimizer.step``;
-- ``jvp`` / ``fd`` / ``exact``: ``HDKD.step`` with that ``hypergrad`` (``update_every=1``);
-- ``jvp_reuse`` / ``fd_reuse``: the same with ``reuse_inner_gradient=True`` (the real step applies the
-  virtual step's gradient: one forward and backward fewer);
+- ``fd`` / ``jvp`` / ``exact``: ``HDKD.step`` with that ``hypergrad`` (``update_every=1``) and the default
+  ``reuse_inner_gradient=True`` (the real step applies the virtual step's gradient); ``fd`` is what
+  ``hypergrad="auto"`` takes for float32 logits, so ``fd`` is the default step;
+- ``fd_fresh`` / ``jvp_fresh``: the same with ``reuse_inner_gradient=False`` (a real step of its own, a
+  forward and backward with the updated weights);
 - ``naive``: the same bilevel step with per-objective gradients from one backward per objective
   (``∂L_val/∂w_o = −η ⟨∇θ' L_val, ∇θ l_o⟩``), the alternative whose cost grows with the objectives.
 
@@ -33,7 +35,7 @@ from hdkd_fast.bilevel import HDKD, HarmonizedWeights
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EXITS = (2, 4, 8, 16, 32)
-IMPLS = ("plain", "jvp", "fd", "exact", "jvp_reuse", "fd_reuse", "naive")
+IMPLS = ("plain", "fd", "jvp", "exact", "fd_fresh", "jvp_fresh", "naive")
 LR = 0.05
 BACKEND = "auto"  # what users get; bench/test_bench_dense_kd.py compares the backends themselves
 CLOCK = time.thread_time if DEVICE.type == "cpu" else time.perf_counter
@@ -149,8 +151,8 @@ def test_hdkd_step(benchmark, request: pytest.FixtureRequest, impl: str, k: int)
         weights = HarmonizedWeights(k).to(DEVICE)
         step = _naive_step(model, opt, weights, torch.optim.Adam(weights.parameters(), lr=1e-3), criterion)
     else:
-        mode, _, reuse = impl.partition("_")
-        step = HDKD(model, opt, criterion=criterion, hypergrad=mode, reuse_inner_gradient=bool(reuse)).step
+        mode, _, fresh = impl.partition("_")
+        step = HDKD(model, opt, criterion=criterion, hypergrad=mode, reuse_inner_gradient=not fresh).step
 
     times: dict[str, list[float]] = {"step": [], "plain": []}
 

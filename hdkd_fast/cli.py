@@ -111,10 +111,12 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
                    help="backend of the fused dense-KD op")
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes (image folders)")
     g = p.add_argument_group("hdkd (harmonized weights)")
-    g.add_argument("--hypergrad", choices=HYPERGRAD_MODES, default=d.hypergrad)
+    g.add_argument("--hypergrad", choices=HYPERGRAD_MODES, default=d.hypergrad,
+                   help="auto: fd (one-sided difference of the logits) for float32 logits, jvp under bf16")
     g.add_argument("--weight-lr", type=float, default=d.weight_lr, help="Adam lr of the weights φ")
     g.add_argument("--weight-parameterization", choices=PARAMETERIZATIONS, default=d.weight_parameterization,
-                   help="softmax: all weights share a fixed sum; gated: CE weights fixed, one gate per KD pair")
+                   help="per_exit: each exit's CE and KD weights sum to 1; softmax: all weights share one "
+                        "fixed sum; gated: CE weights fixed, one gate per KD pair")
     g.add_argument("--update-every", type=int, default=d.update_every)
     g.add_argument("--validation", choices=VALIDATION_OBJECTIVES, default=d.validation)
     g = p.add_argument_group("other methods")

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import hdkd_fast as hk
-from hdkd_fast.bilevel import HDKD, HarmonizedWeights, weight_hypergradient
+from hdkd_fast.bilevel import HDKD, HarmonizedWeights, hypergrad, weight_hypergradient
 from hdkd_fast.bilevel.hypergrad import InnerRule, ObjectiveSpec
 
 K, D, H, C = 3, 7, 9, 5
@@ -65,6 +65,7 @@ def make(seed: int, *, sgd: dict | None = None, hypergrad: str = "jvp", model_kw
     model = MLP(**(model_kw or {})).double()
     opt = torch.optim.SGD(model.parameters(), **({"lr": 0.3} | (sgd or {})))
     kw.setdefault("criterion", hk.DenseKD(temperature=T, backend=BACKEND))
+    kw.setdefault("weights", HarmonizedWeights(K, parameterization="softmax").double())  # hand_hypergradient's
     return model, opt, HDKD(model, opt, hypergrad=hypergrad, **kw)  # type: ignore[arg-type]
 
 
@@ -125,7 +126,7 @@ def test_hypergradients_match_each_other_and_a_hand_written_step(case: str) -> N
     hand = hand_hypergradient(model, opt, hdkd.weights.phi, data)
     assert rel(results["exact"], hand) < 1e-8
     assert rel(results["jvp"], results["exact"]) < 1e-8
-    assert rel(results["fd"], results["exact"]) < 1e-4
+    assert rel(results["fd"], results["exact"]) < 2e-3  # one-sided difference: O(ε) truncation
 
 
 @pytest.mark.parametrize("backend", hk.available_backends("cpu"))
@@ -141,7 +142,7 @@ def test_modes_agree_for_every_pair_selection(pairs: str, parameterization: str,
     _, _, hdkd = make(3, criterion=criterion, weights=weights, hypergrad="exact")
     data = batches(4)
     (exact,) = hdkd.hypergradient(*data)
-    for mode, tol in (("jvp", 1e-8), ("fd", 1e-4)):
+    for mode, tol in (("jvp", 1e-8), ("fd", 2e-3)):  # fd: one-sided, O(ε) truncation (~7e-4 here)
         hdkd.hypergrad = mode
         assert rel(hdkd.hypergradient(*data)[0], exact) < tol
 
@@ -150,14 +151,15 @@ def test_adam_inner_step_is_plain_sgd_with_its_lr() -> None:
     torch.manual_seed(5)
     model = MLP().double()
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    hdkd = HDKD(model, opt, criterion=hk.DenseKD(temperature=T, backend=BACKEND), hypergrad="jvp")
+    hdkd = HDKD(model, opt, criterion=hk.DenseKD(temperature=T, backend=BACKEND), hypergrad="jvp",
+                weights=HarmonizedWeights(K, parameterization="softmax").double())
     data = batches(6)
     sgd = torch.optim.SGD(model.parameters(), lr=0.05)
     expected = hand_hypergradient(model, sgd, hdkd.weights.phi, data)
     assert rel(hdkd.hypergradient(*data)[0], expected) < 1e-8
 
 
-def test_core_matches_exact_with_bn_dropout_and_stacked_output() -> None:
+def test_core_matches_exact_with_bn_dropout_and_stacked_output(monkeypatch: pytest.MonkeyPatch) -> None:
     _, _, hdkd = make(7, sgd={"momentum": 0.5}, model_kw={"bn": True, "dropout": 0.3, "stacked": True})
     hdkd.step(*batches(8))
     data = batches(9)
@@ -166,9 +168,12 @@ def test_core_matches_exact_with_bn_dropout_and_stacked_output() -> None:
         hdkd.hypergrad = mode
         (results[mode],) = hdkd.hypergradient(*data)  # same Dropout masks in every train-batch forward
     assert rel(results["jvp"], results["exact"]) < 1e-8
-    # Batch statistics (B = 11) curve the objectives strongly: the O(ε²) truncation of the central
-    # difference is ~2e-3 here (and falls 100× per 10× smaller ε, checked by hand), not 1e-4.
-    assert rel(results["fd"], results["exact"]) < 1e-2
+    # Batch statistics (B = 11) curve the objectives strongly: the O(ε) truncation of the one-sided
+    # difference is ~4e-2 here (~7e-4 without BatchNorm), and it shrinks with ε:
+    assert rel(results["fd"], results["exact"]) < 6e-2
+    monkeypatch.setattr(hypergrad, "FD_RADIUS", hypergrad.FD_RADIUS / 100)
+    hdkd.hypergrad = "fd"
+    assert rel(hdkd.hypergradient(*data)[0], results["exact"]) < 6e-4
 
 
 def test_functional_core_returns_weight_gradient() -> None:
@@ -379,11 +384,18 @@ def test_autocast_bf16_float32_model() -> None:
 
 @pytest.mark.parametrize("parameterization", ["softmax", "per_exit", "softplus", "gated", "fixed"])
 def test_weights_start_uniform(parameterization: str) -> None:
+    """Every parameterization starts at the uniform weights, except ``per_exit``: each exit's unit split
+    half on its CE, half evenly over its teachers (exit 4, no teacher: CE 1)."""
     w = HarmonizedWeights(4, "dense", parameterization=parameterization)
     assert w.num_objectives == 4 + 6
     out = w()
-    torch.testing.assert_close(out.ce, torch.ones(4))
-    torch.testing.assert_close(out.kd, torch.ones(4, 4).triu(1))
+    if parameterization == "per_exit":
+        torch.testing.assert_close(out.ce, torch.tensor([0.5, 0.5, 0.5, 1.0]))
+        kd = torch.tensor([[0, 1 / 6, 1 / 6, 1 / 6], [0, 0, 1 / 4, 1 / 4], [0, 0, 0, 1 / 2], [0, 0, 0, 0]])
+        torch.testing.assert_close(out.kd, kd)
+    else:
+        torch.testing.assert_close(out.ce, torch.ones(4))
+        torch.testing.assert_close(out.kd, torch.ones(4, 4).triu(1))
     assert (len(list(w.parameters())) == 0) == (parameterization == "fixed")
 
 
@@ -394,18 +406,18 @@ def test_weights_order_init_and_softmax_normalization() -> None:
     torch.testing.assert_close(w.flatten(losses), torch.tensor([1.0, 2, 3, 4, 5]))
     torch.testing.assert_close(w.flatten(w.unflatten(torch.arange(5.0))), torch.arange(5.0))
     init = hk.LossWeights(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([[0, 0, 2.0], [0, 0, 2.0], [0, 0, 0]]))
-    soft = HarmonizedWeights(3, "last", init=init)
+    soft = HarmonizedWeights(3, "last", parameterization="softmax", init=init)
     torch.testing.assert_close(soft.vector(), torch.tensor([0.5, 1.0, 1.5, 1.0, 1.0]))  # rescaled to sum 5
     plus = HarmonizedWeights(3, "last", parameterization="softplus", init=init)
     torch.testing.assert_close(plus.vector(), torch.tensor([1.0, 2.0, 3.0, 2.0, 2.0]))
     gated = HarmonizedWeights(3, "last", parameterization="gated", init=init)
     torch.testing.assert_close(gated.vector(), torch.tensor([1.0, 2.0, 3.0, 2.0, 2.0]))
     per_exit = HarmonizedWeights(3, "last", parameterization="per_exit", init=init)  # groups {0, 3}, {1, 4}, {2}
-    torch.testing.assert_close(per_exit.vector(), torch.tensor([2 / 3, 1.0, 1.0, 4 / 3, 1.0]))
+    torch.testing.assert_close(per_exit.vector(), torch.tensor([1 / 3, 1 / 2, 1.0, 2 / 3, 1 / 2]))
 
 
 def test_per_exit_weights_are_one_softmax_per_student() -> None:
-    """Student i's objectives G_i = {ce_i} ∪ {kd_ij} get |G_i|·softmax(φ_{G_i}), against a float64 closed form,
+    """Student i's objectives G_i = {ce_i} ∪ {kd_ij} get softmax(φ_{G_i}), against a float64 closed form,
     with the Jacobian of the whole map."""
     w = HarmonizedWeights(4, "dense", parameterization="per_exit").double()
     with torch.no_grad():
@@ -418,12 +430,12 @@ def test_per_exit_weights_are_one_softmax_per_student() -> None:
         for g in groups:
             e = [phi[o].exp() for o in g]
             for o, v in zip(g, e, strict=True):
-                out[o] = len(g) * v / sum(e)
+                out[o] = v / sum(e)
         return torch.stack(out)
 
     phi = w.phi.detach()
     torch.testing.assert_close(w.vector(), closed_form(phi), rtol=1e-12, atol=0)
-    assert [round(float(w.vector()[g].sum()), 12) for g in groups] == [4.0, 3.0, 2.0, 1.0]
+    assert [round(float(w.vector().detach()[g].sum()), 12) for g in groups] == [1.0, 1.0, 1.0, 1.0]
     want = torch.autograd.functional.jacobian(closed_form, phi)
     got = torch.autograd.functional.jacobian(lambda t: w.flatten(torch.func.functional_call(w, {"phi": t}, ())), phi)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -564,6 +576,8 @@ def test_hdkd_bad_input() -> None:
         HDKD(model, opt, ema_decay=1.0)
     with pytest.raises(TypeError, match="reuse_inner_gradient"):
         HDKD(model, opt, reuse_inner_gradient=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="per_unit_lr"):
+        HDKD(model, opt, per_unit_lr="yes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="model"):
         HDKD(lambda x: x, opt)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="optimizer"):

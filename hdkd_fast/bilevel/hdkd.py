@@ -26,7 +26,7 @@ from .hypergrad import HYPERGRAD_MODES, Hypergradient, ObjectiveSpec, inner_rule
 from .weights import HarmonizedWeights
 
 VALIDATION_OBJECTIVES = ("ce", "balanced")
-DEFAULT_WEIGHT_LR = 1e-3
+DEFAULT_WEIGHT_LR = 1e-2
 
 
 def model_logits(output: Any, num_exits: int) -> Logits:
@@ -57,26 +57,42 @@ class HDKD:
        the optimizer's current lr η (and, for ``torch.optim.SGD``, its momentum buffer, dampening,
        nesterov and weight decay; other optimizers are modelled by plain SGD with their lr);
     2. hypergradient :math:`\partial L_\mathrm{val}(\theta') / \partial\varphi` (``hypergrad``:
-       ``"jvp"`` exact forward mode, ``"fd"`` central difference, ``"exact"`` reverse mode through the
-       virtual step; the first two cost the same for any number of objectives);
-    3. φ update with ``weight_optimizer`` (default ``Adam(lr=1e-3)``);
+       ``"fd"`` the loss's exact JVP along a one-sided difference of the logits, one plain forward;
+       ``"jvp"`` exact forward mode, about a forward and a backward; ``"exact"`` reverse mode through the
+       virtual step; ``"auto"``, the default: ``"fd"`` for float32/float64 logits, ``"jvp"`` for
+       low-precision ones such as bf16 autocast; the first two cost the same for any number of
+       objectives);
+    3. φ update with ``weight_optimizer`` (default ``Adam(lr=1e-2)``) on the hypergradient per unit of
+       learning rate, :math:`\eta^{-1}\, \partial L_\mathrm{val}/\partial\varphi` (``per_unit_lr``, below);
 
-    and on every call the real step: ``optimizer.zero_grad()``, ``criterion(model(x), y, weights=w)``
-    with the current (updated) weights, ``backward()``, ``optimizer.step()``.
+    and on every call the real step. With ``reuse_inner_gradient`` (the default without DDP) an update
+    step hands the gradient of step 1 to ``optimizer.step()``: the step actually taken is the virtual
+    step the hypergradient differentiated (exactly so for ``torch.optim.SGD``), made with the weights
+    before this update; the new weights act from the next step. This costs no forward or backward of
+    its own: with ``"fd"`` a step is the gradient pass, the validation pass and one plain forward.
+    With ``reuse_inner_gradient=False`` (always under DDP) the real step is ``optimizer.zero_grad()``,
+    ``criterion(model(x), y, weights=w)`` with the updated weights, ``backward()``, ``optimizer.step()``.
+    Steps without an update are that plain weighted step.
 
     Non-finite values never reach φ or the model: a hypergradient (or validation loss) that is not
     finite, e.g. from a NaN in a validation batch, skips step 3 (φ, its optimizer and the ``"balanced"``
     running mean stay as they were; counted in :attr:`skipped_updates` and the step's
     ``"update_skipped"``), and a real step whose loss or gradient is not finite is not taken (the
     parameters, the optimizer state and the BatchNorm statistics stay as they were; ``"step_skipped"``).
-    Each kind is warned about once per ``HDKD`` object (a ``RuntimeWarning``). With
-    ``reuse_inner_gradient=True`` an update step instead hands the gradient of step 1 (the weights
-    before this update; the new ones act from the next step) to ``optimizer.step()``: one forward and
-    backward fewer (for plain SGD the real step is then exactly the virtual one).
+    Each kind is warned about once per ``HDKD`` object (a ``RuntimeWarning``).
 
-    The hypergradient runs through ``torch.func.functional_call`` with cloned buffers: BatchNorm
-    running statistics change only in the real step, exactly as in plain training. All train-batch
+    The hypergradient runs through ``torch.func.functional_call`` with cloned buffers (the gradient pass
+    with the real ones when it doubles as the real step): BatchNorm running statistics change once per
+    step, exactly as in plain training. All train-batch
     forwards of one step (gradient pass, JVP/FD passes, real step) see the same Dropout mask.
+
+    Why per unit of learning rate: the hypergradient is :math:`-\eta\, c\, \langle \nabla L_\mathrm{val}(\theta'),
+    \nabla l_o(\theta)\rangle` (:mod:`hdkd_fast.bilevel.hypergrad`), proportional to the model's lr η. A
+    decay of η (10× at a multistep milestone) shrinks it by the same factor, and Adam's second moment,
+    which remembers the old scale for about :math:`1/(1-\beta_2)` = 1000 steps, shrinks the φ steps with
+    it: the weights freeze at the first milestone. Dividing by η (the largest lr of the optimizer's param
+    groups) keeps the signal on one scale for the whole schedule; ``per_unit_lr=False`` feeds the raw
+    hypergradient. :meth:`hypergradient` always returns the raw :math:`\partial L_\mathrm{val}/\partial\varphi`.
 
     Validation objective (``validation``):
 
@@ -95,15 +111,17 @@ class HDKD:
         optimizer: the model's optimizer.
         criterion: a :class:`hdkd_fast.DenseKD` (default ``DenseKD()``); its temperature, pairs,
             detach_teacher, ignore_index and backend define the objectives.
-        weights: a :class:`HarmonizedWeights` (default: ``"softmax"`` over the criterion's pairs, on the
+        weights: a :class:`HarmonizedWeights` (default: ``"per_exit"`` over the criterion's pairs, on the
             model's device and dtype). K comes from it, else ``criterion.num_exits``, else
             ``model.num_exits``.
-        weight_optimizer: optimizer of ``weights.parameters()`` (default ``Adam(lr=1e-3)``).
-        hypergrad: ``"jvp"``, ``"fd"`` or ``"exact"``.
+        weight_optimizer: optimizer of ``weights.parameters()`` (default ``Adam(lr=1e-2)``).
+        hypergrad: ``"auto"``, ``"fd"``, ``"jvp"`` or ``"exact"``.
         update_every: update φ on every n-th ``step`` call (the others are plain weighted steps).
         validation: ``"ce"`` or ``"balanced"``.
         ema_decay: decay of the running mean of ``"balanced"``, in [0, 1).
-        reuse_inner_gradient: reuse the virtual step's gradient for the real step (above); not with DDP.
+        reuse_inner_gradient: reuse the virtual step's gradient for the real step (above); ``None``
+            (default): ``True`` unless ``model`` is DDP-wrapped, where ``True`` is an error.
+        per_unit_lr: step φ on the hypergradient divided by the model's current lr η (above).
     """
 
     def __init__(
@@ -114,11 +132,12 @@ class HDKD:
         criterion: DenseKD | None = None,
         weights: HarmonizedWeights | None = None,
         weight_optimizer: torch.optim.Optimizer | None = None,
-        hypergrad: str = "jvp",
+        hypergrad: str = "auto",
         update_every: int = 1,
         validation: str = "ce",
         ema_decay: float = 0.9,
-        reuse_inner_gradient: bool = False,
+        reuse_inner_gradient: bool | None = None,
+        per_unit_lr: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
@@ -139,8 +158,12 @@ class HDKD:
             raise ValueError(f"validation must be one of {VALIDATION_OBJECTIVES}; got {validation!r}")
         if isinstance(ema_decay, bool) or not isinstance(ema_decay, numbers.Real) or not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be a number in [0, 1); got {ema_decay!r}")
+        if reuse_inner_gradient is None:
+            reuse_inner_gradient = not isinstance(model, DistributedDataParallel)
         if not isinstance(reuse_inner_gradient, bool):
-            raise TypeError(f"reuse_inner_gradient must be a bool; got {type(reuse_inner_gradient).__name__}")
+            raise TypeError(f"reuse_inner_gradient must be a bool or None; got {type(reuse_inner_gradient).__name__}")
+        if not isinstance(per_unit_lr, bool):
+            raise TypeError(f"per_unit_lr must be a bool; got {type(per_unit_lr).__name__}")
         if reuse_inner_gradient and isinstance(model, DistributedDataParallel):
             raise ValueError("reuse_inner_gradient=True is not supported with a DistributedDataParallel model: "
                              "its real step must go through the DDP model")
@@ -164,14 +187,15 @@ class HDKD:
         self.validation: str = validation
         self.ema_decay: float = float(ema_decay)
         self.reuse_inner_gradient: bool = reuse_inner_gradient
+        self.per_unit_lr: bool = per_unit_lr
         self.val_ema: Tensor | None = None
         self.calls: int = 0
         self.skipped_updates: int = 0
         """Weight updates skipped so far because the hypergradient was not finite."""
         self._warned: set[str] = set()
         self.last_logits: Logits | None = None
-        """The (detached) logits of the last real step's forward, e.g. for training accuracy; ``None``
-        when that step reused the inner gradient (no forward of its own)."""
+        """The (detached) logits of the last real step's forward (or of the gradient pass it reused), e.g.
+        for training accuracy."""
 
     def _weights(self, weights: HarmonizedWeights | None) -> HarmonizedWeights:
         if weights is not None:
@@ -301,6 +325,7 @@ class HDKD:
             named = dict(self.module.named_parameters())
             for name, grad in reused.train_grads.items():
                 named[name].grad = grad
+            self.last_logits = reused.train_logits
             return reused.train_loss
         with torch.no_grad():
             w = self.weights()
@@ -317,8 +342,10 @@ class HDKD:
             d = self.ema_decay
             self.val_ema = val_ce.clone() if self.val_ema is None else d * self.val_ema + (1 - d) * val_ce
         params = list(self.weights.parameters())
+        lr = max((float(g["lr"]) for g in self.optimizer.param_groups if g["params"]), default=0.0)
+        scale = 1 / lr if self.per_unit_lr and lr > 0 else 1.0
         for p, g in zip(params, grads, strict=True):
-            p.grad = g.to(p.dtype)
+            p.grad = (g * scale).to(p.dtype)
         self.weight_optimizer.step()
         for p in params:
             p.grad = None

@@ -24,7 +24,12 @@ tangent :math:`u = -\eta c\, v` (per parameter tensor),
     = \frac{d}{dt} l_o(\theta + t u)\Big|_{t=0},
 
 the directional derivative of the **whole objective vector** along ``u``: one forward-mode pass
-(``"jvp"``) or two forwards (``"fd"``), whatever the number of objectives.
+(``"jvp"``, about the cost of a forward and backward) or one plain forward (``"fd"``), whatever the number
+of objectives. Since :math:`l` depends on θ only through the logits z,
+:math:`\frac{d}{dt} l(\theta + t u) = \partial_z l \cdot \dot z` with :math:`\dot z = J_z(\theta)\, u`; ``"fd"``
+takes :math:`\dot z \approx (z(\theta + \varepsilon u) - z(\theta)) / \varepsilon` from the gradient pass's
+logits :math:`z(\theta)` and one more forward, and applies the loss's exact JVP to it (error
+:math:`O(\varepsilon)`, in :math:`\dot z` only).
 """
 
 from __future__ import annotations
@@ -38,14 +43,17 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.nn import functional as F
 
-from .._pairs import PairSpec, pair_mask
+from .._pairs import PairSpec
 from .._types import KDLosses, LossWeights
 from .._validation import Logits, accumulation_dtype, check_logits, check_target, check_target_values
 from ..functional import dense_kd, dense_kd_losses
 
-HYPERGRAD_MODES = ("jvp", "fd", "exact")
+HYPERGRAD_MODES = ("auto", "jvp", "fd", "exact")
 FD_RADIUS = 0.01
 """Norm of the finite-difference perturbation: ε = FD_RADIUS / ‖u‖ (DARTS uses 0.01 / ‖v‖)."""
+FD_DTYPES = (torch.float32, torch.float64)
+"""Logit dtypes precise enough for ``"fd"`` (``"auto"`` takes ``"jvp"`` for others, e.g. bf16 autocast,
+whose rounding of z, about 0.4 % of |z|, would swamp a difference of size ~FD_RADIUS·‖J_z‖)."""
 
 Forward = Callable[[dict[str, Tensor], Tensor], Logits]
 """``forward(params, x) -> logits``: the model evaluated with ``params`` substituted (functional call)."""
@@ -185,6 +193,7 @@ class Hypergradient(NamedTuple):
     val_loss: Tensor  # L_val(θ')
     train_loss: Tensor  # L_train(θ, w)
     train_grads: dict[str, Tensor | None]  # ∇θ L_train(θ, w) (None where unused), as the optimizer's .grad
+    train_logits: Logits  # z(θ; x) of the gradient pass
 
 
 def weight_hypergradient(
@@ -199,7 +208,7 @@ def weight_hypergradient(
     x_val: Tensor,
     y_val: Tensor,
     *,
-    mode: str = "jvp",
+    mode: str = "auto",
     train_forward: Forward | None = None,
 ) -> Hypergradient:
     r""":math:`\partial L_\mathrm{val}(\theta'(w)) / \partial w` of one virtual step (module docstring).
@@ -211,9 +220,11 @@ def weight_hypergradient(
     4. the hypergradient:
 
        - ``"jvp"``: forward mode (dual numbers) of :math:`\theta \mapsto l(\theta)` along ``u`` (exact);
-       - ``"fd"``: :math:`(l(\theta + \varepsilon u) - l(\theta - \varepsilon u)) / 2\varepsilon` with
-         :math:`\varepsilon = 0.01 / \lVert u\rVert` (a perturbation of norm 0.01, as DARTS);
-       - ``"exact"``: reverse mode through steps 1-3 (``create_graph=True``): the reference.
+       - ``"fd"``: the loss's exact JVP along :math:`\dot z = (z(\theta + \varepsilon u) - z(\theta)) /
+         \varepsilon`, :math:`z(\theta)` the gradient pass's logits, :math:`\varepsilon = 0.01 / \lVert
+         u\rVert` (a perturbation of norm 0.01, as DARTS): one forward without a graph;
+       - ``"exact"``: reverse mode through steps 1-3 (``create_graph=True``): the reference;
+       - ``"auto"``: ``"fd"`` when the gradient pass's logits are float32 or float64, else ``"jvp"``.
 
     Only the tensors of ``params`` that have a rule are differentiated and stepped. ``train_forward``
     (default ``forward``) runs the gradient pass, e.g. with the real buffers when that pass doubles as
@@ -231,31 +242,37 @@ def weight_hypergradient(
         theta = {n: p.detach().requires_grad_() for n, p in params.items() if n in rules}
         names = list(theta)
 
-        train_loss = spec.weighted((train_forward or forward)(theta, x), y, w)
+        train_logits = (train_forward or forward)(theta, x)
+        train_loss = spec.weighted(train_logits, y, w)
         grads = torch.autograd.grad(train_loss, [theta[n] for n in names], create_graph=exact, allow_unused=True)
+        base = train_logits.detach() if isinstance(train_logits, Tensor) else [z.detach() for z in train_logits]
+        if mode == "auto":
+            mode = "fd" if (base if isinstance(base, Tensor) else base[0]).dtype in FD_DTYPES else "jvp"
         after_train = _RngReplay(x.device)
         try:
             d_ce, d_kd, val_ce, val_loss = _hypergradient_from_step(
                 forward, theta, dict(zip(names, grads, strict=True)), rules, w, spec, val_objective,
-                x, y, x_val, y_val, replay, mode)
+                x, y, x_val, y_val, base, replay, mode)
         finally:
             after_train()
     train_grads: dict[str, Tensor | None] = {
         n: None if g is None else g.detach() for n, g in zip(names, grads, strict=True)}
     return Hypergradient(LossWeights(d_ce.detach(), d_kd.detach()), val_ce.detach(), val_loss.detach(),
-                         train_loss.detach(), train_grads)
+                         train_loss.detach(), train_grads, base)
 
 
 def _hypergradient_from_step(forward: Forward, theta: dict[str, Tensor], grads: dict[str, Tensor | None],
                              rules: Mapping[str, InnerRule], w: LossWeights, spec: ObjectiveSpec,
                              val_objective: ValObjective, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor,
-                             replay: _RngReplay, mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                             base: Logits, replay: _RngReplay, mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Steps 2-4 of :func:`weight_hypergradient`: ``(∂L_val/∂w_ce, ∂L_val/∂w_kd, val_ce, L_val)``."""
     exact = mode == "exact"
     names = list(theta)
-    stepped = virtual_step(theta, grads, rules)
-    if not exact:
-        stepped = {n: t.detach().requires_grad_() for n, t in stepped.items()}
+    if exact:
+        stepped = virtual_step(theta, grads, rules)
+    else:
+        with torch.no_grad():
+            stepped = {n: t.requires_grad_() for n, t in virtual_step(theta, grads, rules).items()}
     val_ce = spec.cross_entropy(forward(stepped, x_val), y_val)
     val_loss = val_objective(val_ce)
 
@@ -265,50 +282,54 @@ def _hypergradient_from_step(forward: Forward, theta: dict[str, Tensor], grads: 
         v = torch.autograd.grad(val_loss, [stepped[n] for n in names], allow_unused=True,
                                 materialize_grads=True)
         primal = {n: theta[n].detach() for n in names}
-        tangent = {n: rules[n].tangent_scale() * vn for n, vn in zip(names, v, strict=True)}
-        d_ce, d_kd = _directional_derivative(forward, spec, primal, tangent, x, y, replay, mode)
+        tangent = dict(zip(names, torch._foreach_mul(list(v), [rules[n].tangent_scale() for n in names]),
+                           strict=True))
+        d_ce, d_kd = _directional_derivative(forward, spec, primal, tangent, base, x, y, replay, mode)
     return d_ce, d_kd, val_ce, val_loss
 
 
 def _directional_derivative(forward: Forward, spec: ObjectiveSpec, primal: dict[str, Tensor],
-                            tangent: dict[str, Tensor], x: Tensor, y: Tensor, replay: _RngReplay,
+                            tangent: dict[str, Tensor], base: Logits, x: Tensor, y: Tensor, replay: _RngReplay,
                             mode: str) -> tuple[Tensor, Tensor]:
-    r"""``d/dt (ce, kd)(θ + t u)`` at 0 as seen by the training gradient.
+    r"""``d/dt (ce, kd)(θ + t u)`` at 0 as seen by the training gradient (the op's JVP honours
+    ``detach_teacher``: with a detached teacher ``kd[i, j]`` moves with the student's logits only).
 
-    ``"jvp"``: one forward-mode pass (``torch.autograd.forward_ad``, the engine of ``torch.func.jvp``;
-    the op's JVP honours ``detach_teacher``).
-    ``"fd"``: central difference with :math:`\varepsilon = 0.01 / \lVert u\rVert`. With a detached
-    teacher the training gradient of ``kd[i, j]`` moves only the student, so the teacher is held at
-    :math:`\bar z_j = (z_j^+ + z_j^-)/2 = z_j(\theta) + O(\varepsilon^2)`: one fused call over the 2K
-    exits ``(z^\pm, \bar z)`` with the pairs ``(i, K + j)``.
+    ``"jvp"``: one forward-mode pass through the model (``torch.autograd.forward_ad``, the engine of
+    ``torch.func.jvp``). ``"fd"``: the logits' tangent :math:`\dot z = (z(\theta + \varepsilon u) -
+    z(\theta)) / \varepsilon` with :math:`\varepsilon = 0.01 / \lVert u\rVert` and ``base`` = z(θ), one
+    forward without a graph; then the same forward-mode pass through the loss alone.
     """
 
     def logits(p: dict[str, Tensor]) -> Logits:
         replay()
         return forward(p, x)
 
-    def vector(p: dict[str, Tensor]) -> tuple[Tensor | None, Tensor]:
-        return tuple(spec.losses(logits(p), y))  # type: ignore[return-value]
-
-    if mode == "jvp":  # torch.func.jvp's engine without functorch's per-op wrapping (~1.6× faster here)
-        with torch.no_grad(), fwAD.dual_level():
-            ce, kd = vector({n: fwAD.make_dual(p, tangent[n]) for n, p in primal.items()})
-            d_ce, d_kd = fwAD.unpack_dual(ce).tangent, fwAD.unpack_dual(kd).tangent
-        assert ce is not None
-        return (torch.zeros_like(ce) if d_ce is None else d_ce), (torch.zeros_like(kd) if d_kd is None else d_kd)
-    norm = math.sqrt(sum(float(t.double().square().sum()) for t in tangent.values()))
-    eps = FD_RADIUS / norm if norm > 0 else 1.0  # u = 0: both forwards coincide and the difference is 0
     with torch.no_grad():
-        plus = list(logits({n: p + eps * tangent[n] for n, p in primal.items()}))
-        minus = list(logits({n: p - eps * tangent[n] for n, p in primal.items()}))
-        k = len(plus)
-        if not spec.detach_teacher:
-            (ce_p, kd_p), (ce_m, kd_m) = spec.losses(plus, y), spec.losses(minus, y)
-        else:
-            mask = torch.zeros(2 * k, 2 * k, dtype=torch.bool)
-            mask[:k, k:] = torch.tensor(pair_mask(spec.pairs, k), dtype=torch.bool)
-            mid = [(a + b) / 2 for a, b in zip(plus, minus, strict=True)]
-            (ce_p, kd_p), (ce_m, kd_m) = spec.losses(plus + mid, y, mask), spec.losses(minus + mid, y, mask)
-            kd_p, kd_m = kd_p[:k, k:], kd_m[:k, k:]
-    assert ce_p is not None and ce_m is not None
-    return (ce_p[:k] - ce_m[:k]) / (2 * eps), (kd_p - kd_m) / (2 * eps)
+        if mode == "jvp":  # torch.func.jvp's engine without functorch's per-op wrapping (~1.6× faster here)
+            with fwAD.dual_level():
+                return _loss_tangents(spec, logits({n: fwAD.make_dual(p, tangent[n]) for n, p in primal.items()}), y)
+        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tangent.values()))).double()))
+        if norm == 0 or not math.isfinite(norm):  # u = 0: nothing moves; u not finite: NaN tangents
+            ce, kd = spec.losses(base, y)
+            assert ce is not None
+            fill = 0.0 if norm == 0 else math.nan
+            return torch.full_like(ce, fill), torch.full_like(kd, fill)
+        eps = FD_RADIUS / norm
+        names = list(primal)
+        moved = torch._foreach_add([primal[n] for n in names], [tangent[n] for n in names], alpha=eps)
+        plus = logits(dict(zip(names, moved, strict=True)))
+        with fwAD.dual_level():
+            if isinstance(base, Tensor):
+                assert isinstance(plus, Tensor)
+                dual: Logits = fwAD.make_dual(base, (plus - base) / eps)
+            else:
+                dual = [fwAD.make_dual(b, (a - b) / eps) for a, b in zip(plus, base, strict=True)]
+            return _loss_tangents(spec, dual, y)
+
+
+def _loss_tangents(spec: ObjectiveSpec, logits: Logits, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The tangents of ``(ce, kd)`` at dual ``logits`` (inside a ``dual_level``; zeros where none)."""
+    ce, kd = spec.losses(logits, y)
+    assert ce is not None
+    (ce, d_ce), (kd, d_kd) = fwAD.unpack_dual(ce), fwAD.unpack_dual(kd)
+    return (torch.zeros_like(ce) if d_ce is None else d_ce), (torch.zeros_like(kd) if d_kd is None else d_kd)

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from .._pairs import PairMask, PairSpec, pair_mask, selected_pairs
 from .._types import KDLosses, LossWeights
 
-PARAMETERIZATIONS = ("softmax", "per_exit", "softplus", "gated", "fixed")
+PARAMETERIZATIONS = ("per_exit", "softmax", "softplus", "gated", "fixed")
 
 
 class HarmonizedWeights(nn.Module):
@@ -22,14 +22,17 @@ class HarmonizedWeights(nn.Module):
 
     With ``n = K + #pairs`` objectives and one free parameter :math:`\varphi_o` per objective:
 
-    - ``"softmax"`` (default): :math:`w = n \cdot \mathrm{softmax}(\varphi)`, so :math:`\sum_o w_o = n`
+    - ``"per_exit"`` (default): one mixture per student exit i over its own objectives :math:`G_i` =
+      {CE of exit i} ∪ {KD pairs (i, j)}: :math:`w_{G_i} = \mathrm{softmax}(\varphi_{G_i})`, so every exit's weights sum
+      to 1 — the weight of its cross-entropy in plain training. The look-ahead can neither inflate the
+      weights (a larger total is a larger step, which a one-step look-ahead always likes) nor move weight
+      from one exit to another (starving it); it only decides, exit by exit, how much of that exit's
+      loss is its labels and how much each later exit's distillation. The search space holds plain
+      per-exit CE (every KD share at 0) exactly. Default start: half of each exit's unit on its CE, the
+      other half split evenly over its teachers (an exit without teachers: CE 1).
+    - ``"softmax"``: :math:`w = n \cdot \mathrm{softmax}(\varphi)`, so :math:`\sum_o w_o = n`
       and :math:`w = 1` at :math:`\varphi = 0`. The fixed total keeps a one-step lookahead from
       simply inflating every weight; the weights only trade off against each other.
-    - ``"per_exit"``: one softmax per student exit i over its own objectives :math:`G_i` = {CE of exit
-      i} ∪ {KD pairs (i, j)}: :math:`w_{G_i} = |G_i| \cdot \mathrm{softmax}(\varphi_{G_i})`. Each exit's
-      total weight stays :math:`|G_i|` (w = 1 at φ = 0), so the look-ahead can neither inflate the weights
-      nor move weight from one exit to another (starving it); it only decides, exit by exit, how much of
-      that exit's loss is its labels and how much each later exit's distillation.
     - ``"softplus"``: :math:`w = \log(1 + e^{\varphi})`, positive and unnormalized
       (:math:`\varphi_0 = \log(e - 1)` gives :math:`w = 1`).
     - ``"gated"``: the K CE weights stay at their initial values (a buffer) and each KD pair gets a gate,
@@ -43,9 +46,10 @@ class HarmonizedWeights(nn.Module):
         num_exits: K.
         pairs: the criterion's pair selection (``"dense"``, ``"last"``, ``"adjacent"`` or a boolean
             ``Tensor[K, K]`` mask); only these pairs get a weight.
-        parameterization: ``"softmax"``, ``"per_exit"``, ``"softplus"``, ``"gated"`` or ``"fixed"``.
+        parameterization: ``"per_exit"``, ``"softmax"``, ``"softplus"``, ``"gated"`` or ``"fixed"``.
         init: initial weights (positive, finite; entries of ``kd`` outside the pairs are ignored);
-            uniform 1 when ``None``. With ``"softmax"`` they are rescaled to sum to ``n``.
+            uniform 1 when ``None`` (``"per_exit"``: the start above). With ``"softmax"`` they are rescaled
+            to sum to ``n``, with ``"per_exit"`` each exit's to sum to 1.
 
     ``forward()`` returns ``LossWeights(ce: Tensor[K], kd: Tensor[K, K])`` (``kd`` is 0 outside the
     pairs); :meth:`vector` the same weights as one ``Tensor[n]`` in objective order.
@@ -56,7 +60,7 @@ class HarmonizedWeights(nn.Module):
         num_exits: int,
         pairs: PairSpec = "dense",
         *,
-        parameterization: str = "softmax",
+        parameterization: str = "per_exit",
         init: LossWeights | None = None,
     ) -> None:
         super().__init__()
@@ -99,12 +103,16 @@ class HarmonizedWeights(nn.Module):
             self.register_buffer("fixed", w0)
 
     def _initial_vector(self, init: LossWeights | None) -> Tensor:
-        n = self.num_objectives
+        n, k = self.num_objectives, self.num_exits
         if init is None:
-            return torch.ones(n)
+            w0 = torch.ones(n)
+            if self.parameterization == "per_exit":  # CE 1/2, teachers 1/2 between them (exit K: CE 1)
+                teachers = torch.bincount(self.student, minlength=k).to(w0) - 1
+                w0[:k] = torch.where(teachers > 0, 0.5, 1.0)
+                w0[k:] = 0.5 / teachers[self.student[k:]]
+            return w0
         if not isinstance(init, LossWeights):
             raise TypeError(f"init must be a LossWeights(ce, kd) or None; got {type(init).__name__}")
-        k = self.num_exits
         for name, t, shape in (("init.ce", init.ce, (k,)), ("init.kd", init.kd, (k, k))):
             if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
                 raise TypeError(f"{name} must be a floating Tensor{list(shape)}")
@@ -116,8 +124,7 @@ class HarmonizedWeights(nn.Module):
         if self.parameterization == "softmax":
             w0 = w0 * (n / w0.sum())
         if self.parameterization == "per_exit":
-            for group in self.groups:
-                w0[group] = w0[group] * (len(group) / w0[group].sum())
+            w0 = w0 / w0.new_zeros(k).index_add(0, self.student, w0)[self.student]
         return w0
 
     def flatten(self, values: KDLosses | LossWeights) -> Tensor:
@@ -139,13 +146,11 @@ class HarmonizedWeights(nn.Module):
         """The weights ``Tensor[n]`` in objective order."""
         if self.parameterization == "softmax":
             return self.num_objectives * torch.softmax(self.phi, dim=0)
-        if self.parameterization == "per_exit":  # |G_i| · softmax within each group, all groups at once
+        if self.parameterization == "per_exit":  # softmax within each group, all groups at once
             k, phi, student = self.num_exits, self.phi, self.student
             shift = phi.detach().new_full((k,), -torch.inf).scatter_reduce(0, student, phi.detach(), "amax")
             e = (phi - shift[student]).exp()
-            sums = e.new_zeros(k).index_add(0, student, e)
-            sizes = torch.bincount(student, minlength=k).to(phi.dtype)
-            return sizes[student] * e / sums[student]
+            return e / e.new_zeros(k).index_add(0, student, e)[student]
         if self.parameterization == "softplus":
             return F.softplus(self.phi)
         if self.parameterization == "gated":

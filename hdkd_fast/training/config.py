@@ -71,9 +71,9 @@ class TrainConfig:
     backend: str = "auto"
     workers: int = 0
     # hdkd
-    hypergrad: str = "jvp"
-    weight_lr: float = 1e-3
-    weight_parameterization: str = "softmax"
+    hypergrad: str = "auto"
+    weight_lr: float = 1e-2
+    weight_parameterization: str = "per_exit"
     update_every: int = 1
     validation: str = "ce"
     # dbt
