@@ -12,6 +12,10 @@ dense pairs: ``K + K(K-1)/2`` objectives (32 exits: 528). Implementations, one t
 - ``naive``: the same bilevel step with per-objective gradients from one backward per objective
   (``∂L_val/∂w_o = −η ⟨∇θ' L_val, ∇θ l_o⟩``), the alternative whose cost grows with the objectives.
 
+``test_hdkd_step_msdnet`` times the same steps (no ``naive``) on a real early-exit network: ``msdnet-tiny``
+(4 exits, BatchNorm, convolutions) on 1×14×14 images, batch 64, 10 classes, as ``hdkd-fast train`` runs
+it on Fashion-MNIST in the README's comparison (its row is labelled ``msdnet-tiny`` with K = 4).
+
 ``pytest bench/test_bench_hdkd.py`` runs the quick CPU grid (K ∈ {2, 4, 8, 16, 32}, B = H = 128,
 C = 32, one thread, 7 rounds; ``naive``: 1 round); ``--full`` uses B = H = 256, C = 100, 20 rounds. At the end the
 median of each step over the median of plain steps timed between its rounds (on a twin model, so
@@ -25,6 +29,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -32,6 +37,7 @@ from torch import Tensor, nn
 
 import hdkd_fast as hk
 from hdkd_fast.bilevel import HDKD, HarmonizedWeights
+from hdkd_fast.models.zoo import build_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EXITS = (2, 4, 8, 16, 32)
@@ -41,7 +47,7 @@ BACKEND = "auto"  # what users get; bench/test_bench_dense_kd.py compares the ba
 CLOCK = time.thread_time if DEVICE.type == "cpu" else time.perf_counter
 """The clock of the ratios: on a shared CPU the busy time of this (single) thread, which other jobs'
 load perturbs far less than wall time; pytest-benchmark's own (wall-clock) statistics are kept too."""
-_RATIOS: dict[int, dict[str, float]] = defaultdict(dict)  # K -> impl -> median step / median plain step
+_RATIOS: dict[str, dict[str, float]] = defaultdict(dict)  # model -> impl -> median step / median plain step
 
 
 class MultiExitMLP(nn.Module):
@@ -70,13 +76,14 @@ def _threads_and_report(request: pytest.FixtureRequest) -> Iterator[None]:
     if capture is None or not _RATIOS:
         return
     lines = ["", f"median step / median plain step ({CLOCK.__name__}, interleaved rounds)",
-             "| K | objectives | plain ms | " + " | ".join(IMPLS[1:]) + " |",
-             "|---:|---:|---:|" + "---:|" * (len(IMPLS) - 1)]
-    for k in sorted(_RATIOS):
-        row = _RATIOS[k]
+             "| model | K | objectives | plain ms | " + " | ".join(IMPLS[1:]) + " |",
+             "|---|---:|---:|---:|" + "---:|" * (len(IMPLS) - 1)]
+    for name in sorted(_RATIOS, key=lambda n: (not n.startswith("mlp"), len(n), n)):
+        row = _RATIOS[name]
+        k = int(row["k"])
         ratios = [f"{row[i]:.2f}" if i in row else "" for i in IMPLS[1:]]
         plain_ms = f"{row['plain_ms']:.2f}" if "plain_ms" in row else ""
-        lines.append(f"| {k} | {k + k * (k - 1) // 2} | {plain_ms} | " + " | ".join(ratios) + " |")
+        lines.append(f"| {name} | {k} | {k + k * (k - 1) // 2} | {plain_ms} | " + " | ".join(ratios) + " |")
     with capture.global_and_fixture_disabled():
         print("\n".join(lines))
 
@@ -127,40 +134,32 @@ def _plain_step(model: nn.Module, opt: torch.optim.SGD, criterion: hk.DenseKD) -
     return step
 
 
-@pytest.mark.quick
-@pytest.mark.parametrize("k", EXITS, ids=[f"K{k}" for k in EXITS])
-@pytest.mark.parametrize("impl", IMPLS)
-def test_hdkd_step(benchmark, request: pytest.FixtureRequest, impl: str, k: int) -> None:
-    full = bool(request.config.getoption("--full", default=False))
-    b, h, c, rounds = (256, 256, 100, 20) if full else (128, 128, 32, 7)
-    warmup = 1
-    if impl == "naive" and not full:  # tens of seconds per step at K = 32, and nothing to warm up
-        rounds, warmup = 1, 0
-    torch.manual_seed(k)
-    model = MultiExitMLP(k, h, c).to(DEVICE)
+def _step(impl: str, model: nn.Module, opt: torch.optim.SGD, criterion: hk.DenseKD) -> Callable[..., object]:
+    if impl == "plain":
+        return _plain_step(model, opt, criterion)
+    if impl == "naive":
+        weights = HarmonizedWeights(criterion.num_exits or len(list(model.children())), "dense",
+                                    parameterization="softmax").to(DEVICE)
+        return _naive_step(model, opt, weights, torch.optim.Adam(weights.parameters(), lr=1e-3), criterion)
+    mode, _, fresh = impl.partition("_")
+    return HDKD(model, opt, criterion=criterion, hypergrad=mode, reuse_inner_gradient=not fresh).step
+
+
+def _measure(benchmark: Any, name: str, impl: str, model: nn.Module, criterion: hk.DenseKD,
+             data: tuple[Tensor, ...], rounds: int, warmup: int) -> None:
+    """Time ``impl``'s step on ``model`` (rounds of pytest-benchmark) and a plain step on a twin between the
+    rounds; record their median ratio under ``name``."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    criterion = hk.DenseKD(temperature=4.0, backend=BACKEND)
     twin = copy.deepcopy(model)  # the plain step timed between the rounds, under the same machine load
     plain = _plain_step(twin, torch.optim.SGD(twin.parameters(), lr=LR), criterion)
-    gen = torch.Generator(device=DEVICE).manual_seed(1000 + k)
-    data = (torch.randn(b, h, generator=gen, device=DEVICE), torch.randint(0, c, (b,), generator=gen, device=DEVICE),
-            torch.randn(b, h, generator=gen, device=DEVICE), torch.randint(0, c, (b,), generator=gen, device=DEVICE))
-    if impl == "plain":
-        step = _plain_step(model, opt, criterion)
-    elif impl == "naive":
-        weights = HarmonizedWeights(k).to(DEVICE)
-        step = _naive_step(model, opt, weights, torch.optim.Adam(weights.parameters(), lr=1e-3), criterion)
-    else:
-        mode, _, fresh = impl.partition("_")
-        step = HDKD(model, opt, criterion=criterion, hypergrad=mode, reuse_inner_gradient=not fresh).step
-
+    step = _step(impl, model, opt, criterion)
     times: dict[str, list[float]] = {"step": [], "plain": []}
 
-    def run(name: str, fn: Callable[..., None]) -> None:
+    def run(which: str, fn: Callable[..., object]) -> None:
         start = CLOCK()
         fn(*data)
         _sync()
-        times[name].append(CLOCK() - start)
+        times[which].append(CLOCK() - start)
 
     def timed() -> None:
         run("step", step)
@@ -170,12 +169,50 @@ def test_hdkd_step(benchmark, request: pytest.FixtureRequest, impl: str, k: int)
 
     for _ in range(warmup):  # first-use costs (forward-AD decompositions, allocator)
         timed()
-    benchmark.group = f"hdkd_step-K{k}"
-    benchmark.extra_info.update(impl=impl, k=k, objectives=k + k * (k - 1) // 2, batch=b, hidden=h, classes=c)
     benchmark.pedantic(timed, setup=time_plain, rounds=rounds, iterations=1, warmup_rounds=warmup)
     step_median, plain_median = (statistics.median(times[n][-rounds:]) for n in ("step", "plain"))
     benchmark.extra_info.update(ratio=step_median / plain_median, clock=CLOCK.__name__,
                                 step_median_clock=step_median, plain_median_clock=plain_median)
-    _RATIOS[k][impl] = step_median / plain_median
+    _RATIOS[name][impl] = step_median / plain_median
     if impl == "plain":
-        _RATIOS[k]["plain_ms"] = step_median * 1e3
+        _RATIOS[name]["plain_ms"] = step_median * 1e3
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("k", EXITS, ids=[f"K{k}" for k in EXITS])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hdkd_step(benchmark: Any, request: pytest.FixtureRequest, impl: str, k: int) -> None:
+    full = bool(request.config.getoption("--full", default=False))
+    b, h, c, rounds = (256, 256, 100, 20) if full else (128, 128, 32, 7)
+    warmup = 1
+    if impl == "naive" and not full:  # tens of seconds per step at K = 32, and nothing to warm up
+        rounds, warmup = 1, 0
+    torch.manual_seed(k)
+    model = MultiExitMLP(k, h, c).to(DEVICE)
+    criterion = hk.DenseKD(k, temperature=4.0, backend=BACKEND)
+    gen = torch.Generator(device=DEVICE).manual_seed(1000 + k)
+    data = (torch.randn(b, h, generator=gen, device=DEVICE), torch.randint(0, c, (b,), generator=gen, device=DEVICE),
+            torch.randn(b, h, generator=gen, device=DEVICE), torch.randint(0, c, (b,), generator=gen, device=DEVICE))
+    benchmark.group = f"hdkd_step-K{k}"
+    benchmark.extra_info.update(impl=impl, k=k, objectives=k + k * (k - 1) // 2, batch=b, hidden=h, classes=c)
+    _RATIOS[f"mlp K={k}"]["k"] = k
+    _measure(benchmark, f"mlp K={k}", impl, model, criterion, data, rounds, warmup)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "naive"])
+def test_hdkd_step_msdnet(benchmark: Any, request: pytest.FixtureRequest, impl: str) -> None:
+    full = bool(request.config.getoption("--full", default=False))
+    torch.manual_seed(0)
+    model = build_model("msdnet-tiny", 10, (1, 14, 14)).to(DEVICE)
+    b = 64
+    gen = torch.Generator(device=DEVICE).manual_seed(2000)
+    data = (torch.randn(b, 1, 14, 14, generator=gen, device=DEVICE),
+            torch.randint(0, 10, (b,), generator=gen, device=DEVICE),
+            torch.randn(b, 1, 14, 14, generator=gen, device=DEVICE),
+            torch.randint(0, 10, (b,), generator=gen, device=DEVICE))
+    benchmark.group = "hdkd_step-msdnet-tiny"
+    benchmark.extra_info.update(impl=impl, k=model.num_exits, batch=b, image="1x14x14", classes=10)
+    _RATIOS["msdnet-tiny"]["k"] = model.num_exits
+    _measure(benchmark, "msdnet-tiny", impl, model, hk.DenseKD(model.num_exits, temperature=4.0, backend=BACKEND),
+             data, 20 if full else 7, 1)

@@ -73,7 +73,7 @@ TOLERANCES = {
     "grad_float16": 2e-3,  # output rounded to fp16 (unit roundoff 4.9e-4), compared with the rounded reference
     "grad_bfloat16": 1e-2,  # unit roundoff 3.9e-3
     "hypergrad_jvp": 1e-6,  # float64 models: jvp and exact agree to round-off
-    "hypergrad_fd": 1e-3,  # central difference: O(eps^2) truncation
+    "hypergrad_fd": 3e-3,  # one-sided difference of the logits: O(eps) truncation (~8e-4 at these sizes)
 }
 
 

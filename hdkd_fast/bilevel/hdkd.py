@@ -218,8 +218,9 @@ class HDKD:
         return model_logits(functional_call(self.module, {**buffers, **params}, (x,)), self.weights.num_exits)
 
     def _real_forward(self, params: dict[str, Tensor], x: Tensor) -> Logits:
-        """The unwrapped model with ``params`` substituted and its real buffers (updated as in training)."""
-        return model_logits(functional_call(self.module, params, (x,)), self.weights.num_exits)
+        """The unwrapped model itself, for ``params`` = its own parameters (``_hypergradient`` passes
+        them), with its real buffers (updated as in training): no re-parametrization."""
+        return model_logits(self.module(x), self.weights.num_exits)
 
     def _spec(self) -> ObjectiveSpec:
         c = self.criterion

@@ -162,11 +162,35 @@ def inner_rules(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) 
 def virtual_step(params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None],
                  rules: Mapping[str, InnerRule]) -> dict[str, Tensor]:
     """``θ' = θ − lr · d(θ, g)`` per tensor (unchanged where the gradient is ``None``, as the optimizer
-    skips it). Differentiable: the graph of ``grads`` is kept when they have one."""
-    out = {}
-    for name, p in params.items():
-        g = grads[name]
-        out[name] = p if g is None else p - rules[name].lr * rules[name].direction(p, g)
+    skips it). Differentiable: the graph of ``grads`` is kept when they have one. Without a graph the
+    tensors that share a rule's hyperparameters are stepped together by ``torch._foreach_*`` ops (one
+    kernel per op and group instead of one per tensor)."""
+    if any(g is not None and g.requires_grad for g in grads.values()):
+        out = {}
+        for name, p in params.items():
+            g = grads[name]
+            out[name] = p if g is None else p - rules[name].lr * rules[name].direction(p, g)
+        return out
+    groups: dict[tuple[float, float, float, float, bool, bool, bool], list[str]] = {}
+    for name in params:
+        if grads[name] is not None:
+            r = rules[name]
+            key = (r.lr, r.weight_decay, r.momentum, r.dampening, r.nesterov, r.maximize, r.momentum_buffer is None)
+            groups.setdefault(key, []).append(name)
+    out = dict(params)
+    for (lr, weight_decay, momentum, dampening, nesterov, maximize, no_buffer), names in groups.items():
+        tensors = [params[n] for n in names]
+        d = [g for g in (grads[n] for n in names) if g is not None]
+        if maximize:
+            d = list(torch._foreach_neg(d))
+        if weight_decay != 0:
+            d = list(torch._foreach_add(d, tensors, alpha=weight_decay))
+        if momentum != 0:
+            buffers = [b for b in (rules[n].momentum_buffer for n in names) if b is not None]
+            buf = d if no_buffer else list(torch._foreach_add(torch._foreach_mul(buffers, momentum), d,
+                                                              alpha=1 - dampening))
+            d = list(torch._foreach_add(d, buf, alpha=momentum)) if nesterov else buf
+        out.update(zip(names, torch._foreach_add(tensors, d, alpha=-lr), strict=True))
     return out
 
 
@@ -226,12 +250,14 @@ def weight_hypergradient(
        - ``"exact"``: reverse mode through steps 1-3 (``create_graph=True``): the reference;
        - ``"auto"``: ``"fd"`` when the gradient pass's logits are float32 or float64, else ``"jvp"``.
 
-    Only the tensors of ``params`` that have a rule are differentiated and stepped. ``train_forward``
-    (default ``forward``) runs the gradient pass, e.g. with the real buffers when that pass doubles as
-    the real step's forward. Every train-batch forward draws the random numbers of the gradient pass
-    (one Dropout mask); on return the global RNG state is the one after the gradient pass, as if only
-    that forward had run. Wrap the call in ``torch.random.fork_rng`` (and clone the buffers in
-    ``forward``) for no side effect at all.
+    Only the tensors of ``params`` that have a rule are differentiated and stepped; a leaf that requires
+    grad (e.g. a module's own parameter) is differentiated as it is, anything else through a detached
+    copy. ``train_forward`` (default ``forward``) runs the gradient pass, e.g. the module itself with its
+    real buffers when ``params`` are its parameters and that pass doubles as the real step's forward.
+    Every train-batch forward draws the random numbers of the gradient pass (one Dropout mask); on
+    return the global RNG state is the one after the gradient pass, as if only that forward had run.
+    Wrap the call in ``torch.random.fork_rng`` (and clone the buffers in ``forward``) for no side effect
+    at all.
     """
     if mode not in HYPERGRAD_MODES:
         raise ValueError(f"hypergrad must be one of {HYPERGRAD_MODES}; got {mode!r}")
@@ -239,7 +265,8 @@ def weight_hypergradient(
     with torch.enable_grad():
         replay = _RngReplay(x.device)
         w = LossWeights(weights.ce.detach().requires_grad_(exact), weights.kd.detach().requires_grad_(exact))
-        theta = {n: p.detach().requires_grad_() for n, p in params.items() if n in rules}
+        theta = {n: p if p.is_leaf and p.requires_grad else p.detach().requires_grad_()
+                 for n, p in params.items() if n in rules}
         names = list(theta)
 
         train_logits = (train_forward or forward)(theta, x)
