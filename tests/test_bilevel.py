@@ -380,6 +380,27 @@ def test_autocast_bf16_float32_model() -> None:
     assert hdkd.weights.phi.dtype == torch.float32 and not torch.equal(phi, hdkd.weights.phi)
 
 
+def test_auto_mode_is_fd_for_float_logits_and_jvp_under_bf16_autocast() -> None:
+    """``hypergrad="auto"`` (the default) gives exactly the ``"fd"`` hypergradient for float32 logits and
+    exactly the ``"jvp"`` one for the bf16 logits of autocast (a difference of bf16 logits would be
+    rounding noise); and the default step reuses the gradient pass (``reuse_inner_gradient``)."""
+    torch.manual_seed(24)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hdkd = HDKD(model, opt, criterion=hk.DenseKD(temperature=T, backend=BACKEND))
+    assert hdkd.hypergrad == "auto" and hdkd.reuse_inner_gradient and hdkd.per_unit_lr
+    data = [t.float() if t.is_floating_point() else t for t in batches(25)]
+    got = {}
+    for autocast in (False, True):
+        for mode in ("auto", "fd", "jvp"):
+            hdkd.hypergrad = mode
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                (got[mode, autocast],) = hdkd.hypergradient(*data)
+    assert torch.equal(got["auto", False], got["fd", False]) and not torch.equal(got["fd", False], got["jvp", False])
+    assert torch.equal(got["auto", True], got["jvp", True]) and not torch.equal(got["fd", True], got["jvp", True])
+    assert rel(got["fd", False], got["jvp", False]) < 2e-2  # float32: the one-sided difference is close
+
+
 # -- HarmonizedWeights -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("parameterization", ["softmax", "per_exit", "softplus", "gated", "fixed"])

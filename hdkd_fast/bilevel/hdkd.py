@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .._distributed import all_reduce_mean
 from .._pairs import pair_mask
+from .._types import LossWeights
 from .._validation import Logits, check_logits
 from ..modules import DenseKD
 from .hypergrad import HYPERGRAD_MODES, Hypergradient, ObjectiveSpec, inner_rules, weight_hypergradient
@@ -236,15 +237,14 @@ class HDKD:
                        ) -> tuple[Hypergradient, list[Tensor]]:
         named = dict(self.module.named_parameters())
         params = list(self.weights.parameters())
-        with torch.no_grad():
-            w = self.weights()
+        with torch.enable_grad():
+            out = self.weights()  # the graph of w(φ) for the chain rule below
         result = weight_hypergradient(
-            self._forward, named, inner_rules(self.optimizer, named), w, self._spec(),
-            self._val_objective, x, y, x_val, y_val, mode=self.hypergrad,
+            self._forward, named, inner_rules(self.optimizer, named), LossWeights(out.ce.detach(), out.kd.detach()),
+            self._spec(), self._val_objective, x, y, x_val, y_val, mode=self.hypergrad,
             train_forward=self._real_forward if real_forward else None,
         )
         with torch.enable_grad():
-            out = self.weights()
             grads = torch.autograd.grad(
                 out, params, grad_outputs=(result.weights.ce.to(out.ce), result.weights.kd.to(out.kd)),
                 allow_unused=True, materialize_grads=True,
