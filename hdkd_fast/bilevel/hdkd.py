@@ -83,9 +83,9 @@ class HDKD:
     Each kind is warned about once per ``HDKD`` object (a ``RuntimeWarning``).
 
     The hypergradient runs through ``torch.func.functional_call`` with cloned buffers (the gradient pass
-    with the real ones when it doubles as the real step): BatchNorm running statistics change once per
-    step, exactly as in plain training. All train-batch
-    forwards of one step (gradient pass, JVP/FD passes, real step) see the same Dropout mask.
+    through the module itself, with its real buffers, when it doubles as the real step): BatchNorm
+    running statistics change once per step, exactly as in plain training. All train-batch forwards of
+    one step (gradient pass, JVP/FD passes, real step) see the same Dropout mask.
 
     Why per unit of learning rate: the hypergradient is :math:`-\eta\, c\, \langle \nabla L_\mathrm{val}(\theta'),
     \nabla l_o(\theta)\rangle` (:mod:`hdkd_fast.bilevel.hypergrad`), proportional to the model's lr η. A
