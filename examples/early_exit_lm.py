@@ -12,7 +12,7 @@ Methods (same model initialization, data order and steps):
 - ``ce``: :math:`\\sum_k \\mathrm{CE}_k` (``FusedLinearDenseKD`` with ``kd_weight=0``);
 - ``dense_kd``: :math:`\\sum_k \\mathrm{CE}_k + \\gamma \\sum_{i<j} T^2 \\mathrm{KL}(p_j \\| p_i)`, fixed weights,
   through :class:`hdkd_fast.FusedLinearDenseKD` (the K×N×V logits are never materialized);
-- ``hdkd``: the same objectives with weights learned by :class:`hdkd_fast.HDKD` (bilevel, forward-mode
+- ``hdkd``: the same objectives with weights learned by :class:`hdkd_fast.HDKD` (bilevel, its default
   hypergradient on a held-out split). HDKD substitutes the model's parameters with ``functional_call`` and
   hands the model's *logits* to its ``DenseKD`` criterion, so this run unembeds every exit (materialized
   logits, fine at this vocabulary size); the fused op takes hidden states and the head instead and does
@@ -75,7 +75,8 @@ def encode(tokenizer, texts: list[str]) -> Tensor:
 
 class Block(nn.Module):
     """A pre-norm causal transformer layer. Attention is written out (``softmax(QKᵀ/√d + mask) V``): PyTorch's
-    fused CPU attention has no forward-mode derivative, which HDKD's ``"jvp"`` hypergradient needs."""
+    fused CPU attention has no forward-mode derivative, which HDKD's ``"jvp"`` hypergradient (the one
+    ``"auto"`` takes under bf16 autocast) needs."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
