@@ -70,11 +70,11 @@ class ObjectiveSpec(NamedTuple):
     ignore_index: int = -100
     backend: str = "auto"
 
-    def losses(self, logits: Logits, target: Tensor, pairs: PairSpec | None = None) -> KDLosses:
-        """Every objective of ``logits`` in one fused call (``pairs`` overrides the selection)."""
+    def losses(self, logits: Logits, target: Tensor) -> KDLosses:
+        """Every objective of ``logits`` in one fused call."""
         return dense_kd_losses(
-            logits, target, temperature=self.temperature, pairs=self.pairs if pairs is None else pairs,
-            detach_teacher=self.detach_teacher, ignore_index=self.ignore_index, backend=self.backend,
+            logits, target, temperature=self.temperature, pairs=self.pairs, detach_teacher=self.detach_teacher,
+            ignore_index=self.ignore_index, backend=self.backend,
         )
 
     def weighted(self, logits: Logits, target: Tensor, weights: LossWeights) -> Tensor:
