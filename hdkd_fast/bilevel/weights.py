@@ -82,11 +82,6 @@ class HarmonizedWeights(nn.Module):
         cols = torch.tensor([j for _, j in self.pairs], dtype=torch.long)
         self.register_buffer("pair_rows", rows, persistent=False)
         self.register_buffer("pair_cols", cols, persistent=False)
-        self.groups = [
-            torch.tensor([i] + [num_exits + p for p, (row, _) in enumerate(self.pairs) if row == i], dtype=torch.long)
-            for i in range(num_exits)
-        ]
-        """Objective indices of each student exit i: its CE, then its pairs (i, j) (``"per_exit"``)."""
         self.student: Tensor
         self.register_buffer("student", torch.cat((torch.arange(num_exits), rows)), persistent=False)
         """The student exit of every objective, in objective order (its ``"per_exit"`` group)."""
