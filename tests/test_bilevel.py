@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 import hdkd_fast as hk
 from hdkd_fast.bilevel import HDKD, HarmonizedWeights, hypergrad, weight_hypergradient
-from hdkd_fast.bilevel.hypergrad import InnerRule, ObjectiveSpec
+from hdkd_fast.bilevel.hypergrad import InnerRule, ObjectiveSpec, inner_rules, virtual_step
 
 K, D, H, C = 3, 7, 9, 5
 T = 2.0
@@ -303,6 +303,36 @@ def test_state_round_trip_continues_identically() -> None:
         b.load_state_dict({"model": {}})
 
 
+def test_virtual_step_is_torch_sgd_step() -> None:
+    """``virtual_step`` against ``torch.optim.SGD.step`` itself (float64), for groups with maximize, weight
+    decay, momentum (first step and with a buffer), dampening and nesterov: the graph-free ``_foreach``
+    path and the differentiable per-tensor path."""
+    g = torch.Generator().manual_seed(29)
+    params = [torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(6)]
+    groups = [{"params": params[:2], "lr": 0.1, "maximize": True, "weight_decay": 0.05},
+              {"params": params[2:4], "lr": 0.3, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01},
+              {"params": params[4:], "lr": 0.2, "momentum": 0.8, "nesterov": True}]
+    opt = torch.optim.SGD(groups, lr=0.1)
+    named = {f"p{i}": p for i, p in enumerate(params)}
+    for step in range(2):  # the second step has momentum buffers
+        grads = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in params]
+        rules = inner_rules(opt, named)
+        reference = copy.deepcopy(opt)  # torch's own step from the same state
+        reference_params = [p for group in reference.param_groups for p in group["params"]]
+        for p, grad in zip(reference_params, grads, strict=True):
+            p.grad = grad.clone()
+        reference.step()
+        for graph in (False, True):
+            grad_map = {f"p{i}": grad.clone().requires_grad_(graph) for i, grad in enumerate(grads)}
+            got = virtual_step({n: p.detach() for n, p in named.items()}, grad_map, rules)
+            for i, want in enumerate(reference_params):
+                torch.testing.assert_close(got[f"p{i}"].detach(), want.detach(), rtol=1e-13, atol=1e-15,
+                                           msg=f"step {step}, graph {graph}, p{i}")
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad.clone()
+        opt.step()
+
+
 def test_reuse_inner_gradient_makes_the_virtual_step_the_real_one() -> None:
     kw = {"model_kw": {"bn": True, "dropout": 0.2}}
     model_a, _, a = make(25, reuse_inner_gradient=True, **kw)  # type: ignore[arg-type]
@@ -316,9 +346,13 @@ def test_reuse_inner_gradient_makes_the_virtual_step_the_real_one() -> None:
     a.step(x, y, xv, yv)
     rng_a = torch.get_rng_state()
     torch.manual_seed(123)  # plain training with the weights before the update: same Dropout mask
-    hk.dense_kd(model_b(x), y, ce_weight=w.ce, kd_weight=w.kd, temperature=T, backend=BACKEND).backward()
+    z_b = model_b(x)
+    hk.dense_kd(z_b, y, ce_weight=w.ce, kd_weight=w.kd, temperature=T, backend=BACKEND).backward()
     opt_b.step()
     assert torch.equal(rng_a, torch.get_rng_state())  # the RNG advanced exactly as by one forward
+    assert a.last_logits is not None  # the reused gradient pass's logits (training accuracy)
+    for got, want in zip(a.last_logits, z_b, strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-14)
     for (name, t_a), t_b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
         torch.testing.assert_close(t_a, t_b, rtol=1e-12, atol=1e-14, msg=name)  # BatchNorm updated once
     torch.manual_seed(123)
