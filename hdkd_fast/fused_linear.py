@@ -22,8 +22,10 @@ the per-objective outputs of :func:`fused_linear_dense_kd` are differentiated, b
 sweep with the cotangents as objective weights (``∂⟨g, losses⟩/∂z`` is the weighted gradient with weights
 ``g``). Forward mode (``torch.func.jvp``, the bilevel ``"jvp"`` hypergradient) is a third sweep:
 :math:`dz^{(r)} = dh^{(r)} W^\top + h^{(r)} dW^\top + db`, then the backend's ``jvp``. Second derivatives
-(``create_graph=True``, the bilevel ``"exact"`` hypergradient) are not provided: use the materialized path,
-:func:`hdkd_fast.dense_kd` on ``hidden @ weight.T + bias``.
+(``create_graph=True``, the bilevel ``"exact"`` hypergradient) are not provided: under ``create_graph=True``
+the first-order gradients are returned (and require grad), but differentiating them raises PyTorch's
+"trying to differentiate twice" error, so a gradient penalty fails loudly instead of being dropped. Use
+the materialized path, :func:`hdkd_fast.dense_kd` on ``hidden @ weight.T + bias``, for those.
 """
 
 from __future__ import annotations
@@ -201,28 +203,57 @@ class FusedLinearDenseKDFunction(torch.autograd.Function):
         ctx.save_for_backward(target, ce_weight, kd_weight, ce, kd, dh, dw, db, weight, bias, *hidden)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g_ce: Tensor | None, g_kd: Tensor | None, g_loss: Tensor | None,
                  *_kept: Tensor | None) -> tuple[Tensor | None, ...]:
-        spec: FusedSpec = ctx.spec
-        target, ce_weight, kd_weight, ce, kd, dh, dw, db, weight, bias, *hidden = ctx.saved_tensors
-        d_ce_w, d_kd_w = weight_grads(ctx.needs_input_grad, g_loss, target, ce_weight, kd_weight, ce, kd)
-        d_inputs: tuple[Tensor | None, ...] = (None,) * (2 + len(hidden))
-        if any(ctx.needs_input_grad[4:]):
-            if g_ce is None and g_kd is None and g_loss is not None and dw.numel():
-                kept = (dh * g_loss, dw * g_loss, db * g_loss if bias is not None else None)
-            else:  # the per-objective outputs were used: one sweep with the cotangents as weights
-                rows = spec.op.reduction == "none"
-                w_ce = _combine(g_loss, ce_weight, g_ce, rows) if target is not None else None
-                w_kd = _combine(g_loss, kd_weight, g_kd, rows)
-                if w_kd is None:
-                    w_kd = kd.new_zeros(kd.shape)
-                _, _, sdh, sdw, sdb = _sweep(spec, target, w_ce, w_kd, weight, bias, tuple(hidden),
-                                             compute_grad=True)
-                assert sdh is not None and sdw is not None
-                kept = (sdh, sdw, sdb)
-            d_inputs = _input_grads(spec, *kept, weight, bias, tuple(hidden))
-        return (None, None, d_ce_w, d_kd_w, *d_inputs)
+        """First derivatives only. Under ``create_graph=True`` the gradients still require grad (when an
+        input does) but differentiating them raises the standard "differentiate twice" error, so that
+        a gradient penalty cannot be dropped silently."""
+        with torch.no_grad():
+            grads = _first_derivatives(ctx, g_ce, g_kd, g_loss)
+        tracked = (g_ce, g_kd, g_loss, *ctx.saved_tensors)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked):
+            return _refuse_second_derivative(grads)
+        return grads
+
+
+def _first_derivatives(ctx: Any, g_ce: Tensor | None, g_kd: Tensor | None, g_loss: Tensor | None
+                       ) -> tuple[Tensor | None, ...]:
+    """The gradients :class:`FusedLinearDenseKDFunction` returns (see the module docstring)."""
+    spec: FusedSpec = ctx.spec
+    target, ce_weight, kd_weight, ce, kd, dh, dw, db, weight, bias, *hidden = ctx.saved_tensors
+    d_ce_w, d_kd_w = weight_grads(ctx.needs_input_grad, g_loss, target, ce_weight, kd_weight, ce, kd)
+    d_inputs: tuple[Tensor | None, ...] = (None,) * (2 + len(hidden))
+    if any(ctx.needs_input_grad[4:]):
+        if g_ce is None and g_kd is None and g_loss is not None and dw.numel():
+            kept = (dh * g_loss, dw * g_loss, db * g_loss if bias is not None else None)
+        else:  # the per-objective outputs were used: one sweep with the cotangents as weights
+            rows = spec.op.reduction == "none"
+            w_ce = _combine(g_loss, ce_weight, g_ce, rows) if target is not None else None
+            w_kd = _combine(g_loss, kd_weight, g_kd, rows)
+            if w_kd is None:
+                w_kd = kd.new_zeros(kd.shape)
+            _, _, sdh, sdw, sdb = _sweep(spec, target, w_ce, w_kd, weight, bias, tuple(hidden),
+                                         compute_grad=True)
+            assert sdh is not None and sdw is not None
+            kept = (sdh, sdw, sdb)
+        d_inputs = _input_grads(spec, *kept, weight, bias, tuple(hidden))
+    return (None, None, d_ce_w, d_kd_w, *d_inputs)
+
+
+def _refuse_second_derivative(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """``grads`` as aliases behind a node that raises when differentiated: what
+    ``torch.autograd.function.once_differentiable`` does, but also when only the saved inputs (not the
+    incoming cotangents) require grad, the ``create_graph=True`` case that decorator lets through."""
+    present = [i for i, g in enumerate(grads) if g is not None]
+    refuse = torch._C._functions.DelayedError(
+        b"trying to differentiate twice a function that was marked with @once_differentiable: "
+        b"fused_linear_dense_kd has first derivatives only; for second derivatives use hdkd_fast.dense_kd "
+        b"on the materialized logits", len(present))
+    aliases = refuse(*[grads[i].detach().requires_grad_() for i in present])  # type: ignore[union-attr]
+    out = list(grads)
+    for i, alias in zip(present, aliases if isinstance(aliases, tuple) else (aliases,), strict=True):
+        out[i] = alias
+    return tuple(out)
 
 
 class FusedLinearDenseKDFunctionWithJvp(FusedLinearDenseKDFunction):
@@ -387,8 +418,8 @@ def fused_linear_dense_kd(
 
     Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (one extra chunked sweep in backward, with the
     cotangents as objective weights) and in forward mode (``torch.func.jvp``; not inside
-    ``torch.compile``). No second derivatives: for those use :func:`hdkd_fast.dense_kd_losses` on
-    materialized logits.
+    ``torch.compile``). No second derivatives: differentiating a ``create_graph=True`` gradient raises
+    "trying to differentiate twice"; use :func:`hdkd_fast.dense_kd_losses` on materialized logits for those.
     """
     ce, kd, *_ = _apply(hidden, weight, target, bias, None, None, temperature=temperature, pairs=pairs,
                         detach_teacher=detach_teacher, ignore_index=ignore_index, reduction=reduction,
@@ -408,7 +439,8 @@ class FusedLinearDenseKD(DenseKDConfig):
     (:math:`\partial L/\partial\alpha = \mathrm{ce}`, :math:`\partial L/\partial\gamma = \mathrm{kd}` for
     tensor weights). Its loss is in float32 (float64 for float64 inputs). It shares its configuration with
     :class:`hdkd_fast.DenseKD` (:class:`hdkd_fast.modules.DenseKDConfig`) but is not one: criteria that
-    take logits, such as :class:`hdkd_fast.HDKD`'s, refuse it.
+    take logits, such as :class:`hdkd_fast.HDKD`'s, refuse it. First derivatives only, as
+    :func:`fused_linear_dense_kd`: a second one raises "trying to differentiate twice".
     """
 
     def __init__(self, num_exits: int | None = None, *, vocab_size: int | None = None,

@@ -190,13 +190,32 @@ def test_forward_mode_along_hidden_and_head():
     assert_close(fused_loss, ref_loss, **F64)
 
 
-def test_no_second_derivative():
-    """Backward is once-differentiable: its result carries no graph, so a second derivative fails loudly."""
+@pytest.mark.parametrize("use", ["module", "losses"])
+def test_second_derivative_raises_instead_of_dropping(use: str):
+    """Under create_graph=True the first-order gradients equal the materialized ones and require grad, and
+    differentiating them (a gradient penalty) raises the standard "differentiate twice" error: the penalty
+    is never silently dropped (before, the gradients did not require grad and ``loss + penalty`` trained
+    without it)."""
     hidden, weight, bias, target = draw(2, seed=41)
-    h = hidden.requires_grad_()
-    (g,) = torch.autograd.grad(hk.FusedLinearDenseKD()(h, weight, target, bias), h, create_graph=True)
-    with pytest.raises(RuntimeError, match="does not require grad"):
-        torch.autograd.grad(g.sum(), h)
+
+    def loss_of(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, fused: bool) -> torch.Tensor:
+        if use == "module":
+            if fused:
+                return hk.FusedLinearDenseKD(kd_weight=0.7)(h, w, target, b)
+            return hk.dense_kd(h @ w.T + b, target, kd_weight=0.7)
+        out = (hk.fused_linear_dense_kd(h, w, target, b, chunk_size=3) if fused
+               else hk.dense_kd_losses(h @ w.T + b, target))
+        return out.kd.sum() + 2 * out.ce.sum()
+
+    fused_inputs, plain_inputs = leaves(hidden, weight, bias), leaves(hidden, weight, bias)
+    loss = loss_of(*fused_inputs, fused=True)
+    grads = torch.autograd.grad(loss, fused_inputs, create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    for x, y in zip(grads, torch.autograd.grad(loss_of(*plain_inputs, fused=False), plain_inputs), strict=True):
+        assert_close(x, y, **F64)
+    penalty = loss + sum(g.pow(2).sum() for g in grads)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        penalty.backward()
 
 
 def test_torch_compile_fullgraph():
