@@ -20,7 +20,10 @@ The weighted objective :math:`L = \sum_k \alpha_k \mathrm{ce}_k + \sum_{ij} \gam
 
 Masked classes (``-inf`` logits) follow :math:`0 \log 0 = 0`: ``log p`` is kept finite (0 where
 ``p = 0`` exactly) so that a class of probability 0 contributes nothing to a sum, and the KL is set to
-``+inf`` where the teacher puts mass on a class whose student log-probability is ``-inf``.
+``+inf`` where the teacher puts mass on a class whose student log-probability is ``-inf``. That
+handling (a mask, a ``where`` and a second batched matmul) is paid only when some log-probability is
+``-inf``, which one min-reduction finds; inside ``torch.compile`` or a functorch transform (no
+data-dependent branch there) it is always taken, with the same results.
 
 Every function here is made of differentiable PyTorch ops, so the same code is the analytic fast
 path (under ``no_grad``) and the differentiable fallback used for double backward.
@@ -28,9 +31,10 @@ path (under ``no_grad``) and the differentiable fallback used for double backwar
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -51,7 +55,7 @@ class _Rows(NamedTuple):
 
     logp: Tensor  # [K, B, C] log softmax(z / T), 0 where it is -inf (p = 0: 0 · log 0 = 0)
     p: Tensor  # [K, B, C] softmax(z / T)
-    off_support: Tensor  # [K, B, C] 1 where log softmax(z / T) = -inf, else 0
+    off_support: Tensor | None  # [K, B, C] 1 where log softmax(z / T) = -inf, else 0; None: nowhere
     logq: Tensor | None  # [K, B, C] log softmax(z), when a target is given
     valid: Tensor | None  # [B] rows whose label is not ignore_index
     label_index: Tensor | None  # [K, B, 1] label per row (0 on ignored rows), for gather / scatter
@@ -61,6 +65,20 @@ class _Rows(NamedTuple):
 
 def _stack(logits: Tensor | Sequence[Tensor]) -> Tensor:
     return logits if isinstance(logits, Tensor) else torch.stack(tuple(logits))
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _without_autocast(fn: _Fn) -> _Fn:
+    """Run ``fn(logits, ...)`` with autocast off on the logits' device: every op here computes in the
+    accumulation dtype, and autocast would otherwise run the batched matmuls in bf16."""
+    @functools.wraps(fn)
+    def wrapper(logits: Tensor | Sequence[Tensor], *args: Any, **kwargs: Any) -> Any:
+        device = (logits if isinstance(logits, Tensor) else logits[0]).device
+        with torch.autocast(device.type, enabled=False):
+            return fn(logits, *args, **kwargs)
+    return cast(_Fn, wrapper)
 
 
 def row_scales(target: Tensor | None, ignore_index: int, reduction: str, batch: int,
@@ -90,15 +108,33 @@ def _rows(z: Tensor, target: Tensor | None, temperature: float, ignore_index: in
     k, b, _ = z.shape
     raw = torch.log_softmax(_scaled(z, temperature), dim=-1)
     p = raw.exp()
-    off_support = torch.isneginf(raw)
-    logp = torch.where(off_support, 0.0, raw)
+    logp, off_support = raw, None
+    if _may_hold_neginf(raw):
+        off = torch.isneginf(raw)
+        logp, off_support = torch.where(off, 0.0, raw), off.to(z.dtype)
     logq = valid = label_index = None
     if target is not None:
         logq = raw if temperature == 1.0 else torch.log_softmax(z, dim=-1)
         valid = target != ignore_index
         label_index = torch.where(valid, target, 0).view(1, b, 1).expand(k, b, 1)
     r_ce, r_kd = row_scales(target, ignore_index, reduction, b, z.dtype)
-    return _Rows(logp, p, off_support.to(z.dtype), logq, valid, label_index, r_ce, r_kd)
+    return _Rows(logp, p, off_support, logq, valid, label_index, r_ce, r_kd)
+
+
+def _may_hold_neginf(raw: Tensor) -> bool:
+    """Whether ``raw`` may hold ``-inf``: its minimum, read on the host (a NaN minimum is no ``-inf``);
+    always ``True`` where no host read can branch (``torch.compile``, functorch's wrapped tensors)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(raw):
+        return True
+    return raw.numel() > 0 and bool(raw.detach().amin() == -math.inf)
+
+
+def _differentiated(z: Tensor) -> bool:
+    """Whether this call is itself differentiated (the second-derivative path: autograd or a functorch
+    transform), so that a detached teacher must be kept out of the derivative."""
+    if torch.is_grad_enabled() and z.requires_grad:
+        return True
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(z)
 
 
 def _selected(rows: Tensor, m: Tensor) -> Tensor:
@@ -113,8 +149,11 @@ def _pair_kl(r: _Rows) -> Tensor:
     mass on a class with ``log p_i = -inf`` (a second batched matmul finds those)."""
     cross = torch.einsum("jbc,ibc->ijb", r.p, r.logp)  # sum_c p_j log p_i
     neg_entropy = cross.diagonal(dim1=0, dim2=1).transpose(0, 1)  # [K(j), B]
+    kl = neg_entropy.unsqueeze(0) - cross
+    if r.off_support is None:
+        return kl
     lost = torch.einsum("jbc,ibc->ijb", r.p, r.off_support)  # mass of p_j where p_i = 0 exactly
-    return torch.where(lost > 0, math.inf, neg_entropy.unsqueeze(0) - cross)
+    return torch.where(lost > 0, math.inf, kl)
 
 
 def _mix(w: Tensor, t: Tensor) -> Tensor:
@@ -129,6 +168,7 @@ def _expand_rows(w: Tensor, dims: int) -> Tensor:
     return w.unsqueeze(-1) if w.dim() == dims else w
 
 
+@_without_autocast
 def losses_and_grad(
     logits: Tensor | Sequence[Tensor],
     target: Tensor | None,
@@ -165,12 +205,16 @@ def losses_and_grad(
     # Each term is one pass over [K, B, C]: the student term is the matmul of the exit axis with
     # M = T·r·(diag(Σ_j γ_ij) − γ), so that M @ p = T·r·(Σ_j γ_ij p_i − Σ_j γ_ij p_j).
     k = z.shape[0]
+    differentiated = _differentiated(z)
     grad: Tensor | None = None
     if kd_weight is not None:
         w = _expand_rows(kd_weight.to(z.dtype), 2) * m.unsqueeze(-1)  # [K, K, 1 or B]
         scale = temperature * r.r_kd
-        eye = torch.eye(k, dtype=z.dtype, device=z.device).unsqueeze(-1)
-        grad = _mix(scale * (eye * w.sum(1).unsqueeze(1) - w), r.p)
+        if detach_teacher and differentiated:  # the teacher's p_j is a constant: no derivative through it
+            grad = torch.addcmul(_mix(-scale * w, r.p.detach()), scale * w.sum(1).unsqueeze(-1), r.p)
+        else:
+            eye = torch.eye(k, dtype=z.dtype, device=z.device).unsqueeze(-1)
+            grad = _mix(scale * (eye * w.sum(1).unsqueeze(1) - w), r.p)
         if not detach_teacher:
             mixed_logp = _mix(w.transpose(0, 1), r.logp)
             weighted_kl = torch.where(w != 0, w * kl, 0.0).sum(0)  # [K(j), B]; a zero weight drops an infinite KL
@@ -179,13 +223,19 @@ def losses_and_grad(
     if ce_weight is not None and r.logq is not None and r.label_index is not None and r.valid is not None:
         wc = (_expand_rows(ce_weight.to(z.dtype), 1) * r.valid * r.r_ce).unsqueeze(-1)  # [K, B, 1]
         q = r.p if temperature == 1.0 else r.logq.exp()
-        grad = wc * q if grad is None else torch.addcmul(grad, wc, q)
+        if grad is None:
+            grad = wc * q
+        elif differentiated:  # out of place: vmap may batch wc and q but not grad
+            grad = torch.addcmul(grad, wc, q)
+        else:
+            grad.addcmul_(wc, q)  # grad is a fresh tensor: no allocation
         grad.scatter_add_(-1, r.label_index, -wc)  # − α r e_y on the label column (grad is a fresh tensor)
     if grad is None:
         grad = torch.zeros_like(z)
     return ce, kd, grad.to(x.dtype)
 
 
+@_without_autocast
 def jvp(
     logits: Tensor | Sequence[Tensor],
     tangents: Tensor | Sequence[Tensor],
