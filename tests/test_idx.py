@@ -154,6 +154,20 @@ def test_image_size_area_resamples(tmp_path: Path, size: int) -> None:
     assert len(bundle.train) + len(bundle.val) == 30
 
 
+def test_image_size_is_bounded(tmp_path: Path) -> None:
+    """The MNIST family is only shrunk (at most its stored side); no dataset goes above MAX_IMAGE_SIZE."""
+    write_set(tmp_path / "fashion-mnist", n_train=20, n_test=4, gz="none", size=20)
+    assert load_dataset("fashion-mnist", tmp_path, val_size=4, image_size=20).input_shape == (1, 20, 20)
+    with pytest.raises(ValueError, match=re.escape(f"image_size must be <= 20 for the Fashion-MNIST files in "
+                                                   f"{tmp_path / 'fashion-mnist'} (20x20 images): it area-resamples "
+                                                   "them down, never up; got 21")):
+        load_dataset("fashion-mnist", tmp_path, val_size=4, image_size=21)
+    for name in ("fashion-mnist", "imagefolder"):
+        with pytest.raises(ValueError, match=r"image_size must be <= 1024 \(the largest side images are resampled "
+                           r"to\); got 5000"):
+            load_dataset(name, tmp_path, image_size=5000)
+
+
 def test_train_size_is_a_seeded_subset(tmp_path: Path) -> None:
     write_set(tmp_path / "m", n_train=60, n_test=7)
     full = load_dataset("mnist", tmp_path / "m", val_size=10, seed=3)
@@ -565,3 +579,17 @@ def test_cli_errors(server: Server, tmp_path: Path, capsys: pytest.CaptureFixtur
     expect_error(capsys, ["train", *FAST, *run, "--image-size", "14"], "image_size applies to image folders and "
                  "the MNIST family; digits images have a fixed size")
     expect_error(capsys, ["train", *FAST, *run, "--train-size", "0"], "train_size must be >= 1")
+
+
+def test_cli_refuses_image_size_and_empty_test_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 22, items 2 and 3: one line naming the argument or the file, exit status 2, before any training."""
+    write_set(tmp_path / "mnist", n_train=60, n_test=20)
+    run = ["--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "mnist"), "--val-size", "10"]
+    expect_error(capsys, ["train", *FAST, *run, "--image-size", "56"], "image_size must be <= 28 for the MNIST files",
+                 "area-resamples them down, never up; got 56")
+    expect_error(capsys, ["train", *FAST, *run, "--image-size", "5000"], "image_size must be <= 1024", "got 5000")
+    empty = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
+    write_idx(empty, idx_bytes(IMAGES[:0]))
+    write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", idx_bytes(LABELS[:0]))
+    expect_error(capsys, ["train", *FAST, *run], f"{empty} holds no images", "the test split cannot be empty")
+    assert not (tmp_path / "run").exists()
