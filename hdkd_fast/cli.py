@@ -100,8 +100,9 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
                    help="train on a seeded random subset of this many training images (limited-data regime); "
                    "validation and test splits unchanged")
     p.add_argument("--image-size", type=int, default=None,
-                   help="side of the images: image folders (default 32) and the MNIST family (default 28; "
-                   "smaller = area-resampled, e.g. 14 for a 4x cheaper model)")
+                   help="side of the images, at most 1024: image folders (default 32; each image resized to it) "
+                   "and the MNIST family (default and at most 28; smaller = area-resampled, e.g. 14 for a 4x "
+                   "cheaper model)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", choices=DEVICES, default=d.device)
     p.add_argument("--amp", choices=AMP_MODES, default=d.amp, help="bf16 autocast: auto = on CUDA only")

@@ -13,8 +13,11 @@ import gzip
 import hashlib
 import http.server
 import json
+import os
 import re
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +154,20 @@ def test_image_size_area_resamples(tmp_path: Path, size: int) -> None:
     assert len(bundle.train) + len(bundle.val) == 30
 
 
+def test_image_size_is_bounded(tmp_path: Path) -> None:
+    """The MNIST family is only shrunk (at most its stored side); no dataset goes above MAX_IMAGE_SIZE."""
+    write_set(tmp_path / "fashion-mnist", n_train=20, n_test=4, gz="none", size=20)
+    assert load_dataset("fashion-mnist", tmp_path, val_size=4, image_size=20).input_shape == (1, 20, 20)
+    with pytest.raises(ValueError, match=re.escape(f"image_size must be <= 20 for the Fashion-MNIST files in "
+                                                   f"{tmp_path / 'fashion-mnist'} (20x20 images): it area-resamples "
+                                                   "them down, never up; got 21")):
+        load_dataset("fashion-mnist", tmp_path, val_size=4, image_size=21)
+    for name in ("fashion-mnist", "imagefolder"):
+        with pytest.raises(ValueError, match=r"image_size must be <= 1024 \(the largest side images are resampled "
+                           r"to\); got 5000"):
+            load_dataset(name, tmp_path, image_size=5000)
+
+
 def test_train_size_is_a_seeded_subset(tmp_path: Path) -> None:
     write_set(tmp_path / "m", n_train=60, n_test=7)
     full = load_dataset("mnist", tmp_path / "m", val_size=10, seed=3)
@@ -227,6 +244,43 @@ def test_debian_fashion_mnist() -> None:
     assert torch.bincount(bundle.test.labels).tolist() == [1000] * 10
 
 
+def test_detection_by_decompressed_checksum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checksum of the decompressed train labels: the same dataset recompressed (another .gz MD5) or raw."""
+    write_set(tmp_path / "files", gz="none")
+    labels = tmp_path / "files" / "train-labels-idx1-ubyte"
+    content = labels.read_bytes()
+    digest = hashlib.sha256(content).hexdigest()
+    monkeypatch.setitem(idx.FORMATS, "fashion-mnist", dataclasses.replace(idx.FASHION_MNIST, labels_sha256=digest))
+    assert load_dataset(None, tmp_path / "files", val_size=4).name == "fashion-mnist"  # raw
+    labels.unlink()
+    for level, mtime in ((1, 0), (9, 1_591_000_000)):  # recompressed: another .gz MD5 each time
+        Path(f"{labels}.gz").write_bytes(gzip.compress(content, compresslevel=level, mtime=mtime))
+        assert idx.identify(tmp_path / "files") is idx.FORMATS["fashion-mnist"]
+    write_idx(labels, idx_bytes(LABELS, 0x0C))  # a corrupt labels file is named, not taken for an unknown dataset
+    with pytest.raises(ValueError, match=rf"{labels}: IDX type code 0x0c"):
+        idx.identify(tmp_path / "files")
+
+
+@pytest.mark.skipif(not DEBIAN.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_debian_fashion_mnist_detected_in_a_neutral_folder(tmp_path: Path) -> None:
+    """Debian's recompressed .gz files (their MD5 is not the published one) are recognised by their content
+    wherever they lie, compressed or not; the decompressed labels are the published ones (their published
+    decompressed MD5, 60000 labels, 6000 per class)."""
+    labels = DEBIAN / "train-labels-idx1-ubyte.gz"
+    assert hashlib.md5(labels.read_bytes()).hexdigest() != idx.FASHION_MNIST.md5[1]
+    content = gzip.decompress(labels.read_bytes())
+    assert hashlib.md5(content).hexdigest() == "9018921c3c673c538a1fc5bad174d6f9"
+    assert hashlib.sha256(content).hexdigest() == idx.FASHION_MNIST.labels_sha256
+    assert torch.bincount(idx.read_idx(labels, 1).long()).tolist() == [6000] * 10
+    neutral = tmp_path / "data"
+    neutral.mkdir()
+    for name in idx.FILES:
+        (neutral / f"{name}.gz").symlink_to(DEBIAN / f"{name}.gz")
+    assert idx.identify(neutral) is idx.FASHION_MNIST
+    (neutral / "train-labels-idx1-ubyte").write_bytes(content)  # raw is read first
+    assert idx.identify(neutral) is idx.FASHION_MNIST
+
+
 # --- bad files ----------------------------------------------------------------------------------------------
 
 LABELS = torch.arange(12, dtype=torch.uint8) % 10
@@ -238,7 +292,8 @@ BAD_FILES = {
     "dimensions": ("t10k-images-idx3-ubyte", idx_bytes(IMAGES.view(12, 784)), "2 dimensions; expected 3"),
     "label dimensions": ("t10k-labels-idx1-ubyte", idx_bytes(IMAGES), "3 dimensions; expected 1 (labels"),
     "truncated": ("t10k-images-idx3-ubyte", idx_bytes(IMAGES)[:-5], "says 9424: truncated or corrupt"),
-    "too long": ("t10k-images-idx3-ubyte", idx_bytes(IMAGES) + b"\0", "holds 9425 bytes but its header"),
+    "too long": ("t10k-images-idx3-ubyte", idx_bytes(IMAGES) + b"\0",
+                 "bytes but its header (12 x 28 x 28 unsigned bytes) says 9424: trailing data or corrupt"),
     "header": ("t10k-labels-idx1-ubyte", b"\x00\x00\x08\x01\x00", "truncated IDX header"),
     "empty": ("t10k-labels-idx1-ubyte", b"", "does not start with the magic number"),
     "zero pixels": ("t10k-images-idx3-ubyte", struct.pack(">HBB3I", 0, 8, 3, 12, 0, 28), "images of 0x28 pixels"),
@@ -271,6 +326,98 @@ def test_bad_gzip_and_missing_files(tmp_path: Path) -> None:
     (tmp_path / "nothing").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no Kuzushiji-MNIST files in .*nothing: expected"):
         load_dataset("kmnist", tmp_path / "nothing")
+
+
+# --- decompression bombs and lying headers (issue 22, item 1) ---------------------------------------------
+
+BOMB_SIZE = 256 << 20
+"""What each bomb holds past the bytes its header announces: 256 MiB (a few hundred KiB on disk)."""
+READ_IN_A_SUBPROCESS = """
+import resource, sys
+from pathlib import Path
+from hdkd_fast.data import idx
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    idx.read_idx(Path(sys.argv[1]), 3)
+    print("accepted")
+except ValueError as err:
+    print(err)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def gzip_bomb(path: Path) -> Path:
+    """A .gz whose header claims 3 images, followed by 256 MiB of zeros: gzip members, each 1 MiB of zeros
+    compressed once and repeated (a multi-member .gz is one stream to every reader)."""
+    member = gzip.compress(bytes(1 << 20), compresslevel=9, mtime=0)
+    path.write_bytes(gzip.compress(idx_bytes(IMAGES[:3]), mtime=0) + member * (BOMB_SIZE >> 20))
+    return path
+
+
+def sparse_bomb(path: Path) -> Path:
+    """A raw file: the header and data of 3 images, then a 256 MiB hole (nothing on disk)."""
+    with path.open("wb") as file:
+        file.write(idx_bytes(IMAGES[:3]))
+        file.truncate(len(idx_bytes(IMAGES[:3])) + BOMB_SIZE)
+    return path
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (gzip_bomb, "holds more than 2368 bytes but its header (3 x 28 x 28 unsigned bytes) says 2368: trailing data"),
+    (sparse_bomb, f"holds {2368 + BOMB_SIZE} bytes but its header (3 x 28 x 28 unsigned bytes) says 2368: "
+                  "trailing data or corrupt"),
+], ids=["gzip", "sparse"])  # fmt: skip
+def test_bomb_is_refused_without_reading_it(tmp_path: Path, make: object, message: str) -> None:
+    """Refused with the file named, and the reading process's peak memory grows by far less than the bomb
+    (the whole file read or inflated would add 256 MiB or more)."""
+    assert callable(make)
+    path = make(tmp_path / ("train-images-idx3-ubyte" + (".gz" if make is gzip_bomb else "")))
+    assert path.stat().st_blocks * 512 < 1 << 20  # small on disk
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", READ_IN_A_SUBPROCESS, str(path)], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    error, grown_kib = done.stdout.strip().splitlines()
+    assert int(grown_kib) < 32 * 1024, f"peak memory grew by {int(grown_kib) >> 10} MiB"
+    assert error.startswith(f"{path} ") and message in error, error
+
+
+def test_header_claiming_more_than_gzip_can_hold(tmp_path: Path) -> None:
+    """A .gz cannot inflate more than 1032-fold: a header that claims more is refused before any data is read."""
+    claim = struct.pack(">HBB3I", 0, idx.UBYTE, 3, 100_000_000, 28, 28)  # 78 GB of images, in a file of ~70 bytes
+    path = write_idx(tmp_path / "train-images-idx3-ubyte.gz", claim + bytes(64))
+    with pytest.raises(ValueError, match=re.escape(f"{path} holds {path.stat().st_size} bytes of gzip but its header "
+                                                   "(100000000 x 28 x 28 unsigned bytes) says 78400000016, more than "
+                                                   "DEFLATE can inflate them to (at most 1032-fold): corrupt")):
+        idx.read_idx(path, 3)
+    raw = write_idx(tmp_path / "train-images-idx3-ubyte", claim + bytes(64))  # raw: its size, before reading
+    with pytest.raises(ValueError, match=re.escape(f"{raw} holds 80 bytes but its header (100000000 x 28 x 28 "
+                                                   "unsigned bytes) says 78400000016: truncated or corrupt")):
+        idx.read_idx(raw, 3)
+
+
+def test_gzip_checked_to_its_end(tmp_path: Path) -> None:
+    """Reading one byte past the announced data reaches the end of the gzip stream, so its CRC is still checked."""
+    content = gzip.compress(idx_bytes(IMAGES), mtime=0)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(content[:-8] + bytes(4) + content[-4:])  # the CRC-32 zeroed, the data intact
+    with pytest.raises(ValueError, match=rf"{path} is not readable gzip \(truncated or corrupt\?\): CRC check failed"):
+        idx.read_idx(path, 3)
+    path.write_bytes(content)
+    assert torch.equal(idx.read_idx(path, 3), IMAGES)
+
+
+# --- empty splits (issue 22, item 3) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("prefix", "split"), [("t10k", "test"), ("train", "training")])
+def test_empty_split_is_refused_when_read(tmp_path: Path, prefix: str, split: str) -> None:
+    write_set(tmp_path, gz="none")
+    for kind, array in (("images-idx3", IMAGES[:0]), ("labels-idx1", LABELS[:0])):
+        write_idx(tmp_path / f"{prefix}-{kind}-ubyte", idx_bytes(array))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / prefix}-images-idx3-ubyte holds no images (its "
+                                                   f"header says 0): the {split} split cannot be empty")):
+        load_dataset("mnist", tmp_path, val_size=4)
 
 
 # --- download -----------------------------------------------------------------------------------------------
@@ -432,3 +579,17 @@ def test_cli_errors(server: Server, tmp_path: Path, capsys: pytest.CaptureFixtur
     expect_error(capsys, ["train", *FAST, *run, "--image-size", "14"], "image_size applies to image folders and "
                  "the MNIST family; digits images have a fixed size")
     expect_error(capsys, ["train", *FAST, *run, "--train-size", "0"], "train_size must be >= 1")
+
+
+def test_cli_refuses_image_size_and_empty_test_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 22, items 2 and 3: one line naming the argument or the file, exit status 2, before any training."""
+    write_set(tmp_path / "mnist", n_train=60, n_test=20)
+    run = ["--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "mnist"), "--val-size", "10"]
+    expect_error(capsys, ["train", *FAST, *run, "--image-size", "56"], "image_size must be <= 28 for the MNIST files",
+                 "area-resamples them down, never up; got 56")
+    expect_error(capsys, ["train", *FAST, *run, "--image-size", "5000"], "image_size must be <= 1024", "got 5000")
+    empty = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
+    write_idx(empty, idx_bytes(IMAGES[:0]))
+    write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", idx_bytes(LABELS[:0]))
+    expect_error(capsys, ["train", *FAST, *run], f"{empty} holds no images", "the test split cannot be empty")
+    assert not (tmp_path / "run").exists()

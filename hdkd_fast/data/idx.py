@@ -9,13 +9,22 @@ official test set), each file either raw or gzip-compressed (``.gz``; raw is rea
 An IDX file is a big-endian header, then the data in row-major order: two zero bytes, the type code
 (``0x08``: unsigned bytes, the only one these datasets use), the number of dimensions (3 for images
 ``[N, rows, cols]``, 1 for labels ``[N]``), one int32 per dimension. :func:`read_idx` checks all of it and
-that the file holds exactly that many bytes; a file that fails raises a ValueError naming it.
+that the file holds exactly that many bytes; a file that fails raises a ValueError naming it. It reads the
+header first, then exactly the bytes the header announces (streaming, in chunks) and one byte more to
+detect trailing data, so a file cannot make it use more memory than its header says: a raw file whose
+size differs from the header's is refused before its data is read (a sparse file's hole included), a
+``.gz`` that claims more than DEFLATE can inflate it to (:data:`MAX_INFLATION` times its size) is
+refused unread, and one that inflates past its header's count is refused without inflating the rest.
+Both splits must hold at least one image (checked when they are read, naming the file).
 
 Where the files are (:func:`locate`): the folder itself, or a subfolder named after a dataset as the
 usual tools lay them out (``fashion-mnist/``, as in the Debian package ``dataset-fashion-mnist``, which
 installs ``/usr/share/datasets/fashion-mnist/``; torchvision's ``FashionMNIST/raw/``; ...). Which of the
 three a folder holds (:func:`identify`) is read from the folder's path (a component named like a
-dataset, nearest first) or else from the published MD5 of its ``train-labels-idx1-ubyte.gz``.
+dataset, nearest first), else from the checksum of the decompressed ``train-labels-idx1-ubyte``
+(:attr:`IdxFormat.labels_sha256`; MNIST and Fashion-MNIST, raw or gzip, however compressed: Debian's
+recompressed files too), else from the published MD5 of ``train-labels-idx1-ubyte.gz`` (the official
+file itself; KMNIST is recognised this way only).
 
 :func:`download` fetches the official ``.gz`` files from the maintainers' servers (or the base URL of
 ``$HDKD_FAST_DOWNLOAD_URL``, a local mirror), checks each against its published MD5 and only then moves
@@ -29,6 +38,7 @@ import contextlib
 import gzip
 import hashlib
 import http.client
+import io
 import math
 import os
 import re
@@ -62,6 +72,10 @@ DOWNLOAD_URL_ENV = "HDKD_FAST_DOWNLOAD_URL"
 SYSTEM_DIR = Path("/usr/share/datasets")
 """Where Debian's ``dataset-*`` packages install datasets (``apt-get install dataset-fashion-mnist``)."""
 CHUNK = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
+MAX_INFLATION = 1032
+"""DEFLATE's largest expansion (258 bytes out of one length/distance pair of at least 2 bits): a ``.gz`` file
+whose IDX header claims more than this many times the file's size is corrupt, and is refused unread."""
 TIMEOUT_S = 60.0
 
 
@@ -69,7 +83,9 @@ TIMEOUT_S = 60.0
 class IdxFormat:
     """One dataset in the IDX format: names, where it is published, and how it is augmented.
 
-    ``md5``: the published MD5 of each ``<file>.gz`` (in :data:`FILES` order); ``mirrors``: base URLs,
+    ``md5``: the published MD5 of each ``<file>.gz`` (in :data:`FILES` order; what :func:`download` checks);
+    ``labels_sha256``: the SHA-256 of the decompressed ``train-labels-idx1-ubyte`` (60008 bytes), which
+    :func:`identify` recognises however the file was compressed (``None``: not known); ``mirrors``: base URLs,
     tried in order; ``folders``: subfolder names it is found under (also what :func:`identify` matches
     path components against, ignoring case and punctuation); ``flip``: whether mirroring an image keeps
     its class (clothes: yes; digits and characters: no).
@@ -82,11 +98,15 @@ class IdxFormat:
     class_names: tuple[str, ...]
     folders: tuple[str, ...]
     flip: bool
+    labels_sha256: str | None = None
 
 
 # URLs and MD5s: the maintainers' published ones (as listed in torchvision.datasets.mnist; Fashion-MNIST's
 # also in zalandoresearch/fashion-mnist's README). yann.lecun.com often refuses downloads, hence the PyTorch
-# mirror first for MNIST.
+# mirror first for MNIST. labels_sha256: the decompressed train labels, as several independent projects pin
+# them; Fashion-MNIST's is also that of Debian's dataset-fashion-mnist (recompressed .gz files, so another
+# .gz MD5), whose decompressed files have the published decompressed MD5s (train labels: 9018921c...).
+# KMNIST's decompressed checksum was not found published: it is recognised by its .gz MD5 only.
 MNIST = IdxFormat(
     name="mnist",
     title="MNIST",
@@ -100,6 +120,7 @@ MNIST = IdxFormat(
     class_names=tuple(str(digit) for digit in range(10)),
     folders=("mnist", "MNIST/raw"),
     flip=False,
+    labels_sha256="65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
 )
 FASHION_MNIST = IdxFormat(
     name="fashion-mnist",
@@ -116,6 +137,7 @@ FASHION_MNIST = IdxFormat(
     ),
     folders=("fashion-mnist", "FashionMNIST/raw"),
     flip=True,
+    labels_sha256="bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
 )
 KMNIST = IdxFormat(
     name="kmnist",
@@ -169,18 +191,26 @@ def locate(root: Path, fmt: IdxFormat | None = None) -> Path | None:
 
 
 def identify(folder: Path) -> IdxFormat | None:
-    """Which dataset ``folder`` holds: from its path (nearest named component first), else from the MD5
-    of its ``train-labels-idx1-ubyte.gz``; ``None`` when neither tells."""
+    """Which dataset ``folder`` holds: from its path (nearest named component first), else from the SHA-256
+    of its decompressed ``train-labels-idx1-ubyte`` (raw or ``.gz``; MNIST and Fashion-MNIST, whatever
+    tool compressed the file), else from the published MD5 of its ``train-labels-idx1-ubyte.gz`` (the
+    official file as published; the only way to recognise KMNIST); ``None`` when none tells.
+
+    Raises ValueError naming the labels file when it is not a valid IDX file of labels.
+    """
     keys = {_key(sub.split("/")[0]): fmt for fmt in FORMATS.values() for sub in fmt.folders}
     for part in reversed(folder.absolute().parts):  # the names the user gave (symlinks not followed)
         if _key(part) in keys:
             return keys[_key(part)]
-    labels = folder / f"{TRAIN_LABELS}.gz"
-    if labels.is_file():
-        digest = _md5(labels)
-        for fmt in FORMATS.values():
-            if fmt.md5[FILES.index(TRAIN_LABELS)] == digest:
-                return fmt
+    labels = find_file(folder, TRAIN_LABELS)
+    if labels is None:
+        return None
+    content = hashlib.sha256(_idx_content(labels, 1)[0]).hexdigest()
+    published = folder / f"{TRAIN_LABELS}.gz"
+    md5 = _md5(published) if published.is_file() else None
+    for fmt in FORMATS.values():
+        if content == fmt.labels_sha256 or md5 == fmt.md5[FILES.index(TRAIN_LABELS)]:
+            return fmt
     return None
 
 
@@ -214,8 +244,8 @@ def read_idx_dataset(fmt: IdxFormat, folder: Path) -> tuple[TensorImageDataset, 
                 f"{', '.join(FILES)} (each raw or .gz)"
             )
         paths[name] = path
-    train = _pair(paths[TRAIN_IMAGES], paths[TRAIN_LABELS])
-    test = _pair(paths[TEST_IMAGES], paths[TEST_LABELS])
+    train = _pair(paths[TRAIN_IMAGES], paths[TRAIN_LABELS], "training")
+    test = _pair(paths[TEST_IMAGES], paths[TEST_LABELS], "test")
     if train.image_shape != test.image_shape:
         raise ValueError(
             f"{paths[TEST_IMAGES]} holds images of {list(test.image_shape[1:])} pixels but "
@@ -224,11 +254,13 @@ def read_idx_dataset(fmt: IdxFormat, folder: Path) -> tuple[TensorImageDataset, 
     return train, test
 
 
-def _pair(images_path: Path, labels_path: Path) -> TensorImageDataset:
+def _pair(images_path: Path, labels_path: Path, split: str) -> TensorImageDataset:
     images = read_idx(images_path, 3)
     labels = read_idx(labels_path, 1)
     if labels.shape[0] != images.shape[0]:
         raise ValueError(f"{labels_path} holds {labels.shape[0]} labels but {images_path} {images.shape[0]} images")
+    if images.shape[0] == 0:  # refused now, not after a whole run
+        raise ValueError(f"{images_path} holds no images (its header says 0): the {split} split cannot be empty")
     if labels.numel() and int(labels.max()) >= NUM_CLASSES:
         raise ValueError(f"{labels_path} holds the label {int(labels.max())}, outside 0..{NUM_CLASSES - 1}")
     return TensorImageDataset(images.unsqueeze(1), labels.to(torch.int64))
@@ -237,11 +269,42 @@ def _pair(images_path: Path, labels_path: Path) -> TensorImageDataset:
 def read_idx(path: Path, ndim: int) -> Tensor:
     """The uint8 array of the IDX file ``path`` (raw or gzip), which must have ``ndim`` dimensions.
 
+    The header is read first, then exactly the bytes it announces, in chunks, and one byte more to detect
+    trailing data (never inflated further); a raw file's size is compared with the header before any data is
+    read, and a ``.gz`` that claims more than :data:`MAX_INFLATION` times its own size is refused unread.
+
     Raises ValueError naming the file when it is not readable gzip, its magic number, type code or number
     of dimensions is wrong, a dimension is 0 where it must not be, or its size does not match its header.
     """
-    data = _read_bytes(path)
+    content, dims = _idx_content(path, ndim)
     header = 4 + 4 * ndim
+    if len(content) == header:  # no data: frombuffer refuses an empty buffer
+        return torch.empty(dims, dtype=torch.uint8)
+    return torch.frombuffer(content, dtype=torch.uint8, offset=header).view(dims)
+
+
+def _idx_content(path: Path, ndim: int) -> tuple[bytearray, tuple[int, ...]]:
+    """The decompressed bytes of the IDX file ``path`` (header included) and its dimensions, checked as
+    :func:`read_idx` says; memory is bounded by what the header announces, whatever the file holds."""
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        gzipped = file.read(2) == GZIP_MAGIC
+        file.seek(0)
+        if not gzipped:
+            return _read_stream(path, file, ndim, size, gzipped=False)
+        try:
+            with gzip.GzipFile(fileobj=file, mode="rb") as stream:
+                return _read_stream(path, stream, ndim, size, gzipped=True)
+        except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+            raise ValueError(f"{path} is not readable gzip (truncated or corrupt?): {err}") from err
+
+
+def _read_stream(path: Path, stream: io.BufferedIOBase, ndim: int, size: int,
+                 gzipped: bool) -> tuple[bytearray, tuple[int, ...]]:
+    """:func:`_idx_content` on the open (raw or decompressing) ``stream``; ``size``: the file's size."""
+    header = 4 + 4 * ndim
+    data = bytearray()
+    _read_into(stream, data, 4)
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path} is not an IDX file: it does not start with the magic number 0x0000")
     if data[2] != UBYTE:
@@ -249,31 +312,37 @@ def read_idx(path: Path, ndim: int) -> Tensor:
     if data[3] != ndim:
         what = "images [N, rows, cols]" if ndim == 3 else "labels [N]"
         raise ValueError(f"{path}: an IDX array of {data[3]} dimensions; expected {ndim} ({what})")
+    _read_into(stream, data, header - 4)
     if len(data) < header:
         raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes; the header is {header})")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     if ndim == 3 and (dims[1] < 1 or dims[2] < 1):
         raise ValueError(f"{path}: images of {dims[1]}x{dims[2]} pixels")
-    expected = header + math.prod(dims)
-    if len(data) != expected:
-        raise ValueError(
-            f"{path} holds {len(data)} bytes but its header ({' x '.join(map(str, dims))} unsigned bytes) "
-            f"says {expected}: truncated or corrupt"
-        )
-    if expected == header:  # no data: frombuffer refuses an empty buffer
-        return torch.empty(dims, dtype=torch.uint8)
-    return torch.frombuffer(data, dtype=torch.uint8, offset=header).view(dims)
+    count = math.prod(dims)
+    expected = header + count
+    says = f"its header ({' x '.join(map(str, dims))} unsigned bytes) says {expected}"
+    if not gzipped and size != expected:  # before reading: a sparse file's hole is never read
+        problem = "truncated" if size < expected else "trailing data"
+        raise ValueError(f"{path} holds {size} bytes but {says}: {problem} or corrupt")
+    if gzipped and count > MAX_INFLATION * size:
+        raise ValueError(f"{path} holds {size} bytes of gzip but {says}, more than DEFLATE can inflate them to "
+                         f"(at most {MAX_INFLATION}-fold): corrupt")
+    _read_into(stream, data, count)
+    if len(data) < expected:
+        raise ValueError(f"{path} holds {len(data)} bytes but {says}: truncated or corrupt")
+    if stream.read(1):  # one byte past the end is enough: what follows is not inflated
+        raise ValueError(f"{path} holds more than {expected} bytes but {says}: trailing data or corrupt")
+    return data, dims
 
 
-def _read_bytes(path: Path) -> bytearray:
-    with path.open("rb") as file:
-        data = bytearray(file.read())
-    if data[:2] != b"\x1f\x8b":
-        return data
-    try:
-        return bytearray(gzip.decompress(data))
-    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path} is not readable gzip (truncated or corrupt?): {err}") from err
+def _read_into(stream: io.BufferedIOBase, data: bytearray, count: int) -> None:
+    """Append up to ``count`` bytes of ``stream`` to ``data``, :data:`CHUNK` at a time (fewer at its end)."""
+    end = len(data) + count
+    while len(data) < end:
+        chunk = stream.read(min(CHUNK, end - len(data)))
+        if not chunk:
+            return
+        data += chunk
 
 
 # -- downloading ------------------------------------------------------------------------------------------

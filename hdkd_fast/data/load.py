@@ -47,6 +47,10 @@ STATS_IMAGES = 1000
 """Lazily decoded datasets (image folders): mean/std are estimated on at most this many training images (a
 seeded sample); in-memory ones use every training image."""
 DEFAULT_IMAGE_SIZE = 32
+MAX_IMAGE_SIZE = 1024
+"""Largest ``image_size`` of any dataset. Image folders resize every image to it (its shorter side, up or down:
+they hold images of any size, decoded one batch at a time); the MNIST family's images, held in memory, are
+only shrunk: at most their stored side (28)."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +104,10 @@ def load_dataset(
         seed: fixes the validation split (a seeded random permutation, the same in every process) and, for
             image folders, the sample their mean/std is estimated on. The test split that digits and image
             folders without ``test``/``val`` get (stratified, 20%) does not depend on it.
-        image_size: side of the square images: image folders (default 32) and the MNIST family (default 28;
-            a smaller side is area-resampled, e.g. 14 averages 2×2 blocks: a 4× cheaper model on a CPU).
+        image_size: side of the square images, at most :data:`MAX_IMAGE_SIZE`: image folders (default 32;
+            every image is resized to it, smaller ones upsampled) and the MNIST family (default and largest:
+            the stored side, 28; a smaller side is area-resampled, e.g. 14 averages 2×2 blocks: a 4× cheaper
+            model on a CPU; a larger one is refused, as it would only upsample every image in memory).
         train_size: train on a seeded random subset of this many of the training images (after the validation
             split is held out; the validation and test splits and the normalization statistics are unchanged),
             e.g. a limited-data regime; ``None``: all of them.
@@ -123,6 +129,9 @@ def load_dataset(
             raise TypeError(f"image_size must be an int or None; got {type(image_size).__name__}")
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1; got {image_size}")
+        if image_size > MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be <= {MAX_IMAGE_SIZE} (the largest side images are resampled to); "
+                             f"got {image_size}")
     if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1):
         raise ValueError(f"train_size must be a positive int (a number of images) or None; got {train_size!r}")
     if not isinstance(download, bool):
@@ -238,6 +247,11 @@ def _idx(fmt: idx.IdxFormat, root: Path | None, val_size: int | float | None, se
             )
     train, test = idx.read_idx_dataset(fmt, found)
     padding = IDX_CROP_PADDING
+    stored = min(train.image_shape[1:])
+    if image_size is not None and image_size > stored:
+        rows, cols = train.image_shape[1:]
+        raise ValueError(f"image_size must be <= {stored} for the {fmt.title} files in {found} ({rows}x{cols} "
+                         f"images): it area-resamples them down, never up; got {image_size}")
     if image_size is not None:
         padding = max(1, round(IDX_CROP_PADDING * image_size / train.image_shape[1]))  # the same shift in %
         train, test = train.resized(image_size), test.resized(image_size)
