@@ -47,6 +47,7 @@ of the extension (import itself still works).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import importlib.util
@@ -258,7 +259,7 @@ def _root_distrust(root: Path) -> str | None:
     except FileNotFoundError:
         return None
     if not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(20, "not a folder", str(root))
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(root))
     return _distrust(root.resolve(), folder=True)
 
 
@@ -280,7 +281,7 @@ def _make_root(root: Path) -> None:
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     problem = _root_distrust(root)
     if problem is not None:
-        raise PermissionError(13, f"not trusted: {problem}", str(root))
+        raise PermissionError(errno.EACCES, f"not trusted: {problem}", str(root))
 
 
 def _sha256(path: Path) -> str:
@@ -312,7 +313,7 @@ def write_manifest(entry: Path) -> Path:
     """Record the size and SHA-256 of the library in the cache entry ``entry`` (at build time)."""
     library = _find_library(entry)
     if library is None:
-        raise FileNotFoundError(2, "no hdkd_fast/_C library", str(entry))
+        raise FileNotFoundError(errno.ENOENT, "no hdkd_fast/_C library", str(entry))
     record = {"library": library.relative_to(entry).as_posix(), "size": library.stat().st_size,
               "sha256": _sha256(library)}
     path = entry / MANIFEST
