@@ -16,20 +16,47 @@ Where the extension comes from, in this order:
 architectures, Python ABI, instruction-set variant) and ends with a hash of those and of the sources
 and compiler, so an upgrade of any of them builds anew beside the old one.
 
+**Trust.** Loading a library runs its code, and ``<key>`` is predictable, so nothing in the cache is
+loaded, and no ``.failed`` record believed, unless it is safe from other users:
+
+- ``<cache>`` itself must be a folder owned by the current user (or root) that neither its group nor
+  others can write. Otherwise it is refused with one warning, and the build on first use goes to a
+  private folder instead: ``$XDG_CACHE_HOME/hdkd_fast`` or ``~/.cache/hdkd_fast`` when that is
+  another folder, else ``<tmp>/hdkd_fast-<uid>`` (created 0700 and checked the same way). The
+  folders above ``<cache>`` are not checked.
+- In a trusted ``<cache>``, an entry is loaded only when ``<key>``, ``<key>/hdkd_fast``, the library
+  and ``<key>/manifest.json`` are all owned by the user (or root), writable by neither group nor
+  others, and not symbolic links, and when the library has the size and SHA-256 that the manifest
+  recorded at build time (the manifest is written before the build is renamed into place). An entry
+  that fails any of these (an older hdkd_fast's build without a manifest, a truncated or modified
+  library, a loose mode) is not loaded: it warns, and the next build moves it aside and rebuilds. An
+  untrusted ``<key>.failed`` is ignored with a warning. New builds and records are written without
+  group or other write permission, whatever the umask, and ``<cache>`` is created 0700.
+- Waiting for another process's build lock (``<key>.lock``, created 0600) gives up after
+  ``$HDKD_FAST_LOCK_TIMEOUT`` seconds (default 3600) with a message naming the lock file.
+
 A failed build warns once per process with the compiler's last lines, records the log in
 ``<cache>/<key>.failed`` (later processes warn from it instead of rebuilding; ``hdkd-fast build
---force`` retries) and leaves ``backend="auto"`` on ``"torch"``. ``HDKD_FAST_REQUIRE_EXT=1`` turns a
-missing extension into an error, ``HDKD_FAST_NO_EXT=1`` never loads nor builds one.
+--force`` retries) and leaves ``backend="auto"`` on ``"torch"``. So does a cache that cannot be used
+(a file, a read-only folder, a lock that cannot be created or a timed-out wait): one warning naming
+``HDKD_FAST_CACHE_DIR``, and ``"torch"``. ``HDKD_FAST_REQUIRE_EXT=1`` turns a missing extension into
+an error (:class:`ExtensionBuildError`), ``HDKD_FAST_NO_EXT=1`` never loads nor builds one; both set
+at once contradict each other and are refused with an :class:`ExtensionBuildError` at the first use
+of the extension (import itself still works).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import platform
+import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -38,13 +65,22 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import _ext_spec as spec
 
+if TYPE_CHECKING:
+    from filelock import FileLock
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 CACHE_ENV = "HDKD_FAST_CACHE_DIR"
+LOCK_TIMEOUT_ENV = "HDKD_FAST_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 3600.0
+"""Seconds a process waits for another one's build lock before giving up (a CUDA build can take long)."""
+MANIFEST = "manifest.json"
+"""In each cache entry: the library's path in the entry, size and SHA-256, written at build time."""
 BUILD_ON_FIRST_USE = "built on first use"
 AHEAD_OF_TIME = "ahead of time"
 NOT_BUILT = "not built"
@@ -80,12 +116,17 @@ def sources_dir() -> Path | None:
     return None
 
 
-def cache_root() -> Path:
-    """The folder of the builds on first use (see the module docstring)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
+def _default_cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "hdkd_fast"
+
+
+def cache_root() -> Path:
+    """The folder of the builds on first use as configured (see the module docstring); a build goes to
+    a private folder instead when this one is not trusted."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return _default_cache_root()
 
 
 def _wants_cuda() -> bool:
@@ -183,6 +224,178 @@ def _failed(detail: str) -> Extension:
     return Extension(None, NOT_BUILT, detail)
 
 
+# ---- trust -------------------------------------------------------------------------------------
+
+
+def _uid() -> int | None:
+    """This process's user id (``None`` without POSIX ownership: Windows)."""
+    geteuid = getattr(os, "geteuid", None)
+    return None if geteuid is None else int(geteuid())
+
+
+def _distrust(path: Path, folder: bool) -> str | None:
+    """Why ``path`` (a folder or a regular file) is not safe from other users, or ``None`` when it is.
+    Raises ``OSError`` when it cannot be examined."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if not (stat.S_ISDIR(st.st_mode) if folder else stat.S_ISREG(st.st_mode)):
+        return f"{path} is not a {'folder' if folder else 'regular file'}"
+    uid = _uid()
+    if uid is None:
+        return None
+    if st.st_uid not in (uid, 0):
+        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {uid}) or root"
+    if st.st_mode & 0o022:
+        return f"{path} can be written by its group or by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _root_distrust(root: Path) -> str | None:
+    """Why the cache folder ``root`` is not trusted (``None`` when it is, or does not exist yet). Raises
+    ``OSError`` when it cannot be a folder (a file, a path under a file, no access)."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(root))
+    return _distrust(root.resolve(), folder=True)
+
+
+def _private_root(refused: Path) -> Path | None:
+    """A cache folder of this user's own, for when ``refused`` is not trusted."""
+    refused = refused.resolve()
+    for candidate in (_default_cache_root(), Path(tempfile.gettempdir()) / f"hdkd_fast-{_uid() or 0}"):
+        try:
+            if candidate.resolve() != refused and _root_distrust(candidate) is None:
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+def _make_root(root: Path) -> None:
+    """Create ``root`` (0700) when it does not exist; check it again when it does (another process, or
+    another user, may have created it meanwhile)."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    problem = _root_distrust(root)
+    if problem is not None:
+        raise PermissionError(errno.EACCES, f"not trusted: {problem}", str(root))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed over it), without group or other
+    write permission."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(entry: Path) -> Path:
+    """Record the size and SHA-256 of the library in the cache entry ``entry`` (at build time)."""
+    library = _find_library(entry)
+    if library is None:
+        raise FileNotFoundError(errno.ENOENT, "no hdkd_fast/_C library", str(entry))
+    record = {"library": library.relative_to(entry).as_posix(), "size": library.stat().st_size,
+              "sha256": _sha256(library)}
+    path = entry / MANIFEST
+    _write_atomic(path, json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def _seal(folder: Path) -> None:
+    """Take group and other write permission off a new build (whatever the umask was)."""
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~0o022)
+
+
+def _entry(target: Path) -> tuple[Path | None, str | None]:
+    """The library of the cache entry ``target`` when it may be loaded, else why not: ``(library,
+    None)``, ``(None, reason)``, or ``(None, None)`` when there is no entry."""
+    if not os.path.lexists(target):
+        return None, None
+    for folder in (target, target / "hdkd_fast"):
+        if not os.path.lexists(folder):
+            return None, f"{folder} is missing"
+        if (problem := _distrust(folder, folder=True)) is not None:
+            return None, problem
+    library = _find_library(target)
+    if library is None:
+        return None, f"{target} holds no library"
+    if (problem := _distrust(library, folder=False)) is not None:
+        return None, problem
+    manifest = target / MANIFEST
+    if not os.path.lexists(manifest):
+        return None, (f"{target} has no {MANIFEST} (the library's size and SHA-256, recorded when hdkd_fast "
+                      "builds it)")
+    if (problem := _distrust(manifest, folder=False)) is not None:
+        return None, problem
+    try:
+        record = json.loads(manifest.read_text())
+        name, size, digest = str(record["library"]), int(record["size"]), str(record["sha256"])
+    except (ValueError, KeyError, TypeError):
+        return None, f"{manifest} is not a valid manifest"
+    if name != library.relative_to(target).as_posix():
+        return None, f"{manifest} records {name}, not {library.relative_to(target).as_posix()}"
+    actual = library.stat().st_size
+    if actual != size:
+        return None, f"{library} has {actual} bytes but {size} were built (truncated or changed)"
+    if _sha256(library) != digest:
+        return None, f"{library} does not have the SHA-256 recorded when it was built (changed)"
+    return library, None
+
+
+def _discard(path: Path) -> None:
+    """Remove a refused cache entry or record (first renamed aside: in a trusted cache folder this
+    works even when its contents cannot be deleted)."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        aside = path.with_name(f".discarded-{path.name}-{secrets.token_hex(4)}")
+        os.replace(path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        path.unlink()
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for another process's build lock: ``$HDKD_FAST_LOCK_TIMEOUT``, else
+    :data:`DEFAULT_LOCK_TIMEOUT`."""
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if raw:
+        try:
+            value = float(raw)
+            if value >= 0:
+                return value
+        except ValueError:
+            pass
+        _warn_once(f"hdkd_fast: {LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds >= 0; "
+                   f"waiting up to {DEFAULT_LOCK_TIMEOUT:g} s")
+    return DEFAULT_LOCK_TIMEOUT
+
+
+# ---- building ------------------------------------------------------------------------------------
+
+
 def _compile(csrc: Path, target: Path, failure_log: Path) -> Extension:
     """Build into ``target`` (see the module docstring); the caller holds the lock."""
     root = target.parent
@@ -205,18 +418,44 @@ def _compile(csrc: Path, target: Path, failure_log: Path) -> Extension:
         library = _find_library(work / "lib")
         if proc.returncode != 0 or library is None:
             tail = "\n".join(output.strip().splitlines()[-25:])
-            failure_log.write_text(output)
+            _write_atomic(failure_log, output)
             return _failed(f"compiling hdkd_fast._C failed (log: {failure_log}); the compiler's last lines:\n{tail}")
         (work / "lib" / "build.log").write_text(output)
+        _seal(work / "lib")
+        write_manifest(work / "lib")
         os.replace(work / "lib", target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    library = _find_library(target)
-    assert library is not None
-    module = _load_library(library)
+    library, problem = _entry(target)
+    if library is None:
+        return _failed(f"the new build in {target} cannot be trusted ({problem})")
+    try:
+        module = _load_library(library)
+    except ImportError as exc:
+        return _failed(f"the new build {library} cannot be loaded ({exc})")
     print(f"hdkd_fast: built hdkd_fast's native kernels in {time.perf_counter() - start:.0f} s: {library}",
           file=sys.stderr, flush=True)
     return Extension(module, BUILD_ON_FIRST_USE, str(library))
+
+
+def _acquire(lock: FileLock) -> str | None:
+    """Take the build lock, waiting up to :func:`lock_timeout` seconds; why not, when it times out."""
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=0)
+        return None
+    except Timeout:
+        pass
+    timeout = lock_timeout()
+    print(f"hdkd_fast: another process is compiling hdkd_fast's native kernels; waiting for it ({lock.lock_file}, "
+          f"up to {timeout:g} s: {LOCK_TIMEOUT_ENV})", file=sys.stderr, flush=True)
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        return (f"waiting for the build lock {lock.lock_file} timed out after {timeout:g} s (another process "
+                f"holds it; {LOCK_TIMEOUT_ENV} sets the wait)")
+    return None
 
 
 def _from_cache(build: bool, force: bool = False) -> Extension:
@@ -224,54 +463,97 @@ def _from_cache(build: bool, force: bool = False) -> Extension:
     if csrc is None:
         return _failed(f"hdkd_fast._C cannot be built: its C++ sources are not in this installation "
                        f"(looked in {PACKAGE_DIR})")
+    key = cache_key(csrc)
     root = cache_root()
-    target = root / cache_key(csrc)
-    failure_log = target.with_name(target.name + ".failed")
+    try:
+        problem = _root_distrust(root)
+        if problem is not None:
+            private = _private_root(root)
+            if private is None:
+                return _failed(f"the cache {root} is not trusted ({problem}; {CACHE_ENV} sets another) and "
+                               "no private folder could be had")
+            _warn_once(f"hdkd_fast: not loading nor building hdkd_fast._C in the cache {root}: it is not safe from "
+                       f"other users ({problem}); using {private} instead ({CACHE_ENV} sets the cache)")
+            root = private
+        return _from_root(root, key, csrc, build, force)
+    except OSError as exc:
+        return _failed(f"the cache of hdkd_fast._C, {root}, cannot be used ({exc}); set {CACHE_ENV} to a folder "
+                       "of your own that you can write")
+
+
+def _from_root(root: Path, key: str, csrc: Path, build: bool, force: bool) -> Extension:
+    """The extension from the trusted cache folder ``root``: cached, else built (``build``)."""
+    target = root / key
+    failure_log = root / f"{key}.failed"
+    refused: list[str] = []
 
     def cached() -> Extension | None:
-        library = _find_library(target)
+        library, problem = _entry(target)
         if library is not None:
             try:
                 return Extension(_load_library(library), BUILD_ON_FIRST_USE, str(library))
             except ImportError as exc:
                 return _failed(f"the cached build {library} cannot be loaded ({exc}); run hdkd-fast build --force")
-        if failure_log.is_file():
-            return _failed(f"an earlier build of hdkd_fast._C failed (log: {failure_log}; "
-                           "hdkd-fast build --force retries)")
+        if problem is not None:
+            refused.append(f"the cached build in {target} is not loaded: {problem}")
+            _warn_once(f"hdkd_fast: {refused[-1]}; it is rebuilt")
+            return None
+        if os.path.lexists(failure_log):
+            problem = _distrust(failure_log, folder=False)
+            if problem is None:
+                return _failed(f"an earlier build of hdkd_fast._C failed (log: {failure_log}; "
+                               "hdkd-fast build --force retries)")
+            refused.append(f"the record of a failed build {failure_log} is ignored: {problem}")
+            _warn_once(f"hdkd_fast: {refused[-1]}")
         return None
 
     if not force and (found := cached()) is not None:
         return found
     if not build:
-        return Extension(None, NOT_BUILT, f"hdkd_fast._C is not built yet: the first use of backend 'native' "
-                         f"compiles it into {root} (or run hdkd-fast build)", final=False)
-    from filelock import FileLock, Timeout
+        why = f"{refused[0]}; the" if refused else "hdkd_fast._C is not built yet: the"
+        return Extension(None, NOT_BUILT, f"{why} first use of backend 'native' compiles it into {root} (or run "
+                         "hdkd-fast build)", final=False)
+    from filelock import FileLock
 
-    root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(target) + ".lock")
+    _make_root(root)
+    lock_path = root / f"{key}.lock"
+    os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600))  # 0600: no other user can hold it
+    lock = FileLock(str(lock_path))
+    timed_out = _acquire(lock)
+    if timed_out is not None:
+        return _failed(timed_out)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"hdkd_fast: another process is compiling hdkd_fast's native kernels; waiting for it ({lock.lock_file})",
-              file=sys.stderr, flush=True)
-        lock.acquire()
-    try:
-        if force:
-            shutil.rmtree(target, ignore_errors=True)
-            failure_log.unlink(missing_ok=True)
-        found = cached()  # built (or failed) by the process that held the lock before us
-        return found if found is not None else _compile(csrc, target, failure_log)
+        found = None if force else cached()  # built (or failed) by the process that held the lock before us
+        if found is not None:
+            return found
+        _discard(target)  # forced, refused, or half there
+        _discard(failure_log)
+        return _compile(csrc, target, failure_log)
     finally:
         lock.release()
+
+
+def _flag_conflict() -> str | None:
+    if spec.env_flag("HDKD_FAST_NO_EXT") and spec.env_flag("HDKD_FAST_REQUIRE_EXT"):
+        return ("HDKD_FAST_NO_EXT=1 (no extension) and HDKD_FAST_REQUIRE_EXT=1 (the extension is required) "
+                "contradict each other: unset one")
+    return None
 
 
 def extension(build: bool = True, search_cache: bool = True) -> Extension:
     """This process's extension (see the module docstring). ``build=False`` never compiles;
     ``search_cache=False`` only imports an ahead-of-time build (no CUDA query, no file hashing: cheap
-    enough for import time)."""
+    enough for import time). Raises :class:`ExtensionBuildError` when ``HDKD_FAST_REQUIRE_EXT=1`` and
+    there is none, and when ``HDKD_FAST_NO_EXT=1`` is set too (except with ``search_cache=False``,
+    which leaves that to the next call)."""
     global _state
     if _state is not None:
         return _state
+    conflict = _flag_conflict()
+    if conflict is not None:
+        if not search_cache:
+            return Extension(None, NOT_BUILT, conflict, final=False)
+        raise ExtensionBuildError(conflict)
     if spec.env_flag("HDKD_FAST_NO_EXT"):
         _state = Extension(None, NOT_BUILT, "hdkd_fast._C is disabled (HDKD_FAST_NO_EXT=1)")
         return _state

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._ext_loader import ExtensionBuildError
 from .backends import backend_choices
 from .bilevel.hdkd import VALIDATION_OBJECTIVES
 from .bilevel.hypergrad import HYPERGRAD_MODES
@@ -24,7 +25,8 @@ from .training.methods import method_names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; bad arguments, data or files end it with one line on stderr and exit code 2."""
+    """Run one command; bad arguments, data or files, and a required extension that cannot be had
+    (``HDKD_FAST_REQUIRE_EXT=1``), end it with one line on stderr and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)
@@ -36,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except (ValueError, TypeError, OSError, FloatingPointError) as exc:  # arguments, data, files, divergence
         print(f"hdkd-fast {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except ExtensionBuildError as exc:  # its first line names the log of a failed build
+        print(f"hdkd-fast {args.command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
 
 
@@ -298,5 +303,4 @@ def _build_parser(p: argparse.ArgumentParser) -> None:
 def _info(args: argparse.Namespace) -> int:
     from .info import main as info_main
 
-    info_main()
-    return 0
+    return info_main()

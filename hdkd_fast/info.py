@@ -5,7 +5,9 @@ Prints the hdkd_fast / Python / torch versions, the CPU and GPUs torch sees, the
 ``hdkd_fast._C`` (how it was built: ahead of time, on first use and where, or not yet and why; its CPU
 instruction-set variants and the one in use, clamped to what the CPU supports; its CUDA kernels) and,
 per device type, the available backends in ``backend="auto"`` order. It never compiles anything: where
-the extension is not built yet, it says so and what ``auto`` will pick once it is.
+the extension is not built yet, it says so and what ``auto`` will pick once it is. Where it is required
+(``HDKD_FAST_REQUIRE_EXT=1``) but cannot be had, it prints the versions, then one line on stderr, and
+exits with status 2.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._ext_loader import CACHE_ENV, cache_root
+from ._ext_loader import CACHE_ENV, ExtensionBuildError, cache_root
 from ._version import __version__
 from .backends import auto_order, backend_names, unavailable_reason
 from .backends import native_backend as _native
@@ -26,11 +29,7 @@ from .backends import native_backend as _native
 def collect() -> dict[str, Any]:
     """Everything :func:`main` prints, as a dict."""
     info: dict[str, Any] = {
-        "hdkd_fast": __version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
+        **_versions(),
         "cpu": {
             "machine": platform.machine(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -71,9 +70,7 @@ def _reason(name: str, device: torch.device, extension: dict[str, Any]) -> str |
 
 def format_info(info: dict[str, Any]) -> str:
     lines = [
-        f"hdkd_fast  {info['hdkd_fast']}",
-        f"python     {info['python']}  ({info['platform']})",
-        f"torch      {info['torch']}  (CUDA {info['torch_cuda'] or 'none'})",
+        *_version_lines(info),
         f"cpu        {info['cpu']['machine']}, torch capability {info['cpu']['torch_cpu_capability']}, "
         f"{info['cpu']['threads']} threads",
     ]
@@ -99,7 +96,10 @@ def extension_lines(ext: dict[str, Any]) -> list[str]:
     lines = [f"hdkd_fast._C  {ext['origin']} for torch {ext['torch_version']}: {ext['path']}"]
     if ext["origin"] != "ahead of time":
         source = "HDKD_FAST_CACHE_DIR" if os.environ.get(CACHE_ENV) else "default; HDKD_FAST_CACHE_DIR overrides"
-        lines.append(f"  cache         {cache_root()} ({source})")
+        used = Path(ext["path"]).parents[2]  # <cache>/<key>/hdkd_fast/_C*.so
+        if used != cache_root():
+            source = f"a private folder: {cache_root()} ({source}) is not trusted"
+        lines.append(f"  cache         {used} ({source})")
     use, asked, cpu = ext["cpu_capability"], ext["requested_cpu_capability"], ext["supported_cpu_capability"]
     note = f"torch asks for {asked}, this CPU supports {cpu}"
     if _rank(asked) > _rank(cpu):
@@ -119,9 +119,29 @@ def _rank(capability: str) -> int:
     return _CPU_CAPABILITIES.index(capability) if capability in _CPU_CAPABILITIES else 0
 
 
-def main() -> None:
-    print(format_info(collect()))
+def main() -> int:
+    try:
+        info = collect()
+    except ExtensionBuildError as exc:
+        print("\n".join(_version_lines(_versions())))
+        print(f"hdkd-fast info: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(format_info(info))
+    return 0
+
+
+def _versions() -> dict[str, Any]:
+    return {"hdkd_fast": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+            "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+
+
+def _version_lines(info: dict[str, Any]) -> list[str]:
+    return [
+        f"hdkd_fast  {info['hdkd_fast']}",
+        f"python     {info['python']}  ({info['platform']})",
+        f"torch      {info['torch']}  (CUDA {info['torch_cuda'] or 'none'})",
+    ]
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
