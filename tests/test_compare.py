@@ -296,7 +296,7 @@ def test_two_compares_into_one_out_train_each_run_once(tmp_path: Path) -> None:
         assert proc.returncode == 0, stderr
     printed = [stdout for stdout, _ in done]
     trained = [p for p in printed if f"ce, seed 0: training {run_dir(out, 'ce', 0)}" in p]
-    waited = [p for p in printed if "another process is training" in p and "finished earlier, reusing" in p]
+    waited = [p for p in printed if "another compare is training" in p and "finished earlier, reusing" in p]
     assert len(trained) == len(waited) == 1, printed
     assert [r["epoch"] for r in read_metrics(run_dir(out, "ce", 0))] == [1, 2]
     assert json.loads((out / COMPARISON_JSON).read_text())["ce"]["seeds"] == [0]

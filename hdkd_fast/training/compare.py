@@ -127,6 +127,7 @@ def compare_methods(config: TrainConfig, methods: Sequence[str], seeds: Sequence
         more = f" (and {len(problems) - 1} more run(s) in {root})" if len(problems) > 1 else ""
         raise ValueError(f"{problems[0]}{more}; pass {RERUN_FLAG} to train such runs again with these "
                          "settings, or choose another --out")
+    finals: dict[tuple[str, int], dict[str, Any]] = {}  # each read under its run's lock, as checked
     waiting = []
     for n, (method, seed) in enumerate(runs, start=1):
         where = run_dir(root, method, seed)
@@ -135,15 +136,17 @@ def compare_methods(config: TrainConfig, methods: Sequence[str], seeds: Sequence
             where.mkdir(parents=True, exist_ok=True)
         with _run_lock(where, wait=False) as held:
             if held:
-                _run(where, request(method, seed), prefix, rerun_changed, log)
+                finals[method, seed] = _run(where, request(method, seed), prefix, rerun_changed, log)
                 continue
-        log(f"{prefix}: another process is training {where}; back to it after the other runs")
-        waiting.append((where, request(method, seed), prefix))
-    for where, cfg, prefix in waiting:
-        log(f"{prefix}: waiting for the other process to release {where / RUN_LOCK}")
+        log(f"{prefix}: another compare is training {where}; back to it after the other runs")
+        waiting.append((method, seed, prefix))
+    for method, seed, prefix in waiting:
+        where = run_dir(root, method, seed)
+        log(f"{prefix}: waiting for the other compare to release {where / RUN_LOCK}")
         with _run_lock(where, wait=True):
-            _run(where, cfg, prefix, rerun_changed, log)
-    summaries = {m: summarize([run_dir(root, m, s) for s in seeds], list(seeds)) for m in methods}
+            finals[method, seed] = _run(where, request(method, seed), prefix, rerun_changed, log)
+    summaries = {m: _summary([finals[m, s] for s in seeds], [run_dir(root, m, s) for s in seeds], list(seeds))
+                 for m in methods}
     with FileLock(str(root / COMPARISON_LOCK)):
         write_comparison(summaries, root)
     return summaries
@@ -165,9 +168,11 @@ def _run_lock(where: Path, *, wait: bool) -> Iterator[bool]:
         lock.release()
 
 
-def _run(where: Path, config: TrainConfig, prefix: str, rerun_changed: bool, log: Callable[[str], None]) -> None:
-    """Reuse, resume or train the run in ``where`` (its lock held) as :func:`_inspect` finds it."""
-    action, problem = _inspect(where, config)
+def _run(where: Path, config: TrainConfig, prefix: str, rerun_changed: bool,
+         log: Callable[[str], None]) -> dict[str, Any]:
+    """Reuse, resume or train the run in ``where`` (its lock held) as :func:`_inspect` finds it; returns its
+    ``final.json``."""
+    action, problem, final = _inspect(where, config)
     if problem is not None:
         if not rerun_changed:  # changed since the check before training (another process wrote it)
             raise ValueError(f"{problem}; pass {RERUN_FLAG} to train it again with these settings")
@@ -176,36 +181,38 @@ def _run(where: Path, config: TrainConfig, prefix: str, rerun_changed: bool, log
             with writing(where / name, "remove"):
                 (where / name).unlink(missing_ok=True)
         action = "train"
-    if action == "reuse":
+    if action == "reuse" and final is not None:
         log(f"{prefix}: finished earlier, reusing {where}")
-        return
+        return final
     log(f"{prefix}: {'resuming' if action == 'resume' else 'training'} {where}")
     train(config, resume=action == "resume", log=log)
+    return read_final(where)
 
 
-def _inspect(where: Path, config: TrainConfig) -> tuple[Action, str | None]:
-    """What to do with the run directory ``where`` for the request ``config``, and why it cannot be done
-    (``None`` when it can): reuse a finished run, resume a stopped one, or train a new one. The problem is
-    a stored setting that differs from ``config`` or an unusable record (it names the file and the field)."""
+def _inspect(where: Path, config: TrainConfig) -> tuple[Action, str | None, dict[str, Any] | None]:
+    """What to do with the run directory ``where`` for the request ``config``, why it cannot be done
+    (``None`` when it can) and, for a finished run, its ``final.json``: reuse a finished run, resume a
+    stopped one, or train a new one. The problem is a stored setting that differs from ``config`` or an
+    unusable record (it names the file and the field)."""
     if (where / FINAL_FILE).exists():
         try:
             final = read_final(where)
             stored = read_config(where)
         except (ValueError, OSError) as exc:
-            return "reuse", f"the record of {where} is unusable: {exc}"
+            return "reuse", f"the record of {where} is unusable: {exc}", None
         differences = setting_differences(stored, config)
         asked = resolved_request(stored, config)
         for name in ("method", "dataset", "model", "epochs"):  # final.json's own account of its run
             if name in final and final[name] != getattr(asked, name) and name not in differences:
                 differences[name] = (final[name], getattr(asked, name))
-        return "reuse", _differ(f"{where} was trained", differences)
+        return "reuse", _differ(f"{where} was trained", differences), final
     if (where / CHECKPOINT).exists():
         try:
             stored = TrainConfig.from_json(load_checkpoint(where)["config"])
         except (ValueError, TypeError) as exc:
-            return "resume", f"the record of {where} is unusable: {exc}"
-        return "resume", _differ(f"{where} (stopped) was started", setting_differences(stored, config))
-    return "train", None  # a start that never wrote a checkpoint is cleared by train()
+            return "resume", f"the record of {where} is unusable: {exc}", None
+        return "resume", _differ(f"{where} (stopped) was started", setting_differences(stored, config)), None
+    return "train", None, None  # a start that never wrote a checkpoint is cleared by train()
 
 
 def _differ(what: str, differences: Mapping[str, tuple[Any, Any]]) -> str | None:
@@ -261,7 +268,11 @@ def setting_differences(stored: TrainConfig, config: TrainConfig) -> dict[str, t
 def summarize(runs: Sequence[Path], seeds: list[int]) -> MethodSummary:
     """Mean and standard deviation over ``runs`` (one method, one run per seed) of their ``final.json``
     (each checked by :func:`~hdkd_fast.training.report.read_final`)."""
-    finals = [read_final(run) for run in runs]
+    return _summary([read_final(run) for run in runs], runs, seeds)
+
+
+def _summary(finals: Sequence[Mapping[str, Any]], runs: Sequence[Path], seeds: list[int]) -> MethodSummary:
+    """:func:`summarize` of the checked ``final.json`` contents ``finals`` of ``runs``."""
     exits = {len(f["test/top1"]) for f in finals}
     quantiles = {tuple(f["budget"]["q"]) for f in finals}
     if len(exits) != 1 or len(quantiles) != 1:
