@@ -20,7 +20,8 @@ from .bilevel.hypergrad import HYPERGRAD_MODES
 from .bilevel.weights import PARAMETERIZATIONS
 from .data.load import DATASETS, IDX_DATASETS
 from .evaluation import BUDGET_PROTOCOLS
-from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, RESUME_FIELDS, SCHEDULES, TrainConfig
+from .training.compare import MAX_SEEDS, RERUN_FLAG
+from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, NEUTRAL_FIELDS, RESUME_FIELDS, SCHEDULES, TrainConfig
 from .training.methods import method_names
 
 
@@ -206,7 +207,12 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
     _train_parser(p)
     p.add_argument("--methods", nargs="+", choices=method_names(), default=None, metavar="METHOD",
                    help=f"methods to compare: {', '.join(method_names())}")
-    p.add_argument("--seeds", type=int, default=3, help="runs per method, with seeds 0 .. SEEDS-1")
+    p.add_argument("--seeds", type=int, default=3,
+                   help=f"runs per method, with seeds 0 .. SEEDS-1 (at most {MAX_SEEDS})")
+    p.add_argument(RERUN_FLAG, dest="rerun_changed", action="store_true",
+                   help="train again, from scratch, the runs in --out whose stored settings differ from these "
+                   f"(all but {', '.join(_flag(name) for name in NEUTRAL_FIELDS)}) or whose records are unusable; "
+                   "without it such runs are an error")
     p.set_defaults(run=_compare)
 
 
@@ -217,13 +223,15 @@ def _compare(args: argparse.Namespace) -> int:
     if refused:
         raise ValueError(f"compare sets the method and seed of each run and continues stopped runs itself; "
                          f"remove {', '.join(_flag(name) for name in refused)}")
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be a positive count; got {args.seeds}")
+    if not 1 <= args.seeds <= MAX_SEEDS:  # before range(args.seeds) becomes a list
+        raise ValueError(f"--seeds must be a positive count of at most {MAX_SEEDS} (each seed is one run per "
+                         f"method); got {args.seeds}")
     if not args.methods:
         raise ValueError("--methods is required: the methods to compare")
     if not args.out:
         raise ValueError("--out is required: the comparison's directory (one run per method and seed inside)")
-    summaries = compare_methods(_config(args), args.methods, list(range(args.seeds)), args.out)
+    summaries = compare_methods(_config(args), args.methods, list(range(args.seeds)), args.out,
+                                rerun_changed=args.rerun_changed)
     print(f"test top-1 accuracy (%) per exit, mean ± std over {args.seeds} seed(s)")
     print(format_comparison(summaries))
     print(f"comparison files: {args.out}")

@@ -1,19 +1,37 @@
 """``hdkd-fast compare``: several methods × seeds on the embedded digits, the mean ± std table against the
 runs' own ``final.json`` files (recomputed here in float64 with numpy), the files it writes, reuse and
-resumption of earlier runs, and its one-line errors."""
+resumption of earlier runs (only with equal settings and usable records), the seeds bound, two processes
+into one ``--out``, and its one-line errors."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from cli_helpers import expect_error
 
 from hdkd_fast.cli import main
-from hdkd_fast.training.compare import BUDGET_PLOT, COMPARISON_JSON, COMPARISON_MD, run_dir
-from hdkd_fast.training.report import FINAL_FILE, read_final
+from hdkd_fast.training import compare as compare_module
+from hdkd_fast.training.compare import (
+    BUDGET_PLOT,
+    COMPARISON_JSON,
+    COMPARISON_MD,
+    MAX_SEEDS,
+    compare_methods,
+    run_dir,
+)
+from hdkd_fast.training.config import TrainConfig
+from hdkd_fast.training.report import FINAL_FILE, read_final, read_metrics
 
 pytest.importorskip("sklearn")  # the embedded digits
 
@@ -69,6 +87,8 @@ def test_compare_reuses_finished_runs_and_resumes_stopped_ones(tmp_path: Path,
     (["--methods", "ce", "--seed", "3"], "remove --seed"),
     (["--methods", "ce", "--resume"], "remove --resume"),
     (["--methods", "ce", "--seeds", "0"], "--seeds must be a positive count"),
+    (["--methods", "ce", "--seeds", str(MAX_SEEDS + 1)], f"--seeds must be a positive count of at most {MAX_SEEDS}"),
+    (["--methods", "ce", "--seeds", "1000000000000"], f"at most {MAX_SEEDS}"),  # was a MemoryError (item 9)
     (["--seeds", "2"], "--methods is required"),
     (["--methods", "ce", "ce"], "methods lists a method more than once"),
     (["--methods", "ce", "dkd", "--teacher", "somewhere"], "--teacher is only used by method 'erde', not 'ce'"),
@@ -82,3 +102,201 @@ def test_compare_errors_write_nothing(args: list[str], message: str, tmp_path: P
 
 def test_compare_needs_out(capsys: pytest.CaptureFixture[str]) -> None:
     expect_error(capsys, ["compare", "--methods", "ce", *FAST], "--out is required")
+
+
+# -- issue 22 -----------------------------------------------------------------------------------------
+
+
+def test_compare_validates_one_configuration_per_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 9: the settings are checked once per method, not once per method and seed (3 million seeds
+    once built 3 million configurations), and more than MAX_SEEDS seeds are refused before any."""
+    validated: list[str] = []
+    check = TrainConfig.validate
+
+    def counting(self: TrainConfig) -> TrainConfig:
+        validated.append(self.method)
+        return check(self)
+
+    class Stop(Exception):
+        pass
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise Stop
+
+    monkeypatch.setattr(TrainConfig, "validate", counting)
+    monkeypatch.setattr(compare_module, "train", no_training)
+    config = TrainConfig(limit=64, epochs=1, device="cpu", progress=False, backend="torch")
+    with pytest.raises(Stop):
+        compare_methods(config, ["ce", "dkd"], range(MAX_SEEDS), tmp_path / "cmp", log=lambda _: None)
+    assert validated == ["ce", "dkd"]
+    with pytest.raises(ValueError, match=f"at most {MAX_SEEDS} seeds"):
+        compare_methods(config, ["ce"], range(MAX_SEEDS + 1), tmp_path / "more")
+    with pytest.raises(TypeError, match="seed must be an int"):
+        compare_methods(config, ["ce"], [0, 1.5], tmp_path / "more")  # type: ignore[list-item]
+    assert not (tmp_path / "more").exists()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished comparison of ce over seeds 0 and 1 (FAST settings); tests work on copies (:func:`copy`)."""
+    out = tmp_path_factory.mktemp("finished") / "cmp"
+    assert main(["compare", "--methods", "ce", "--seeds", "2", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def copy(finished: Path, tmp_path: Path) -> Path:
+    """A copy of the comparison (the runs' stored --out differs from the copy's: --out is not compared)."""
+    out = tmp_path / "cmp"
+    shutil.copytree(finished, out)
+    return out
+
+
+def compare_ce(out: Path, *extra: str) -> int:
+    return main(["compare", "--methods", "ce", "--seeds", "2", "--out", str(out), *FAST, *extra])
+
+
+def edit_final(run: Path, change: Callable[[dict[str, Any]], object]) -> None:
+    final = json.loads((run / FINAL_FILE).read_text())
+    change(final)
+    (run / FINAL_FILE).write_text(json.dumps(final))  # NaN and infinity as JSON's NaN / Infinity
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda f: f["budget"].pop("q"), "'budget.q' is missing"),  # was a KeyError traceback
+    (lambda f: f["budget"].update(q=None), "'budget.q' must be a non-empty list"),
+    (lambda f: f.update(train_time_s="12 s"), "'train_time_s' must be a finite number"),
+    (lambda f: f.update(train_time_s=None), "'train_time_s' must be a finite number"),
+    (lambda f: f["exit_costs"].__setitem__(0, math.nan), "'exit_costs' must hold finite numbers >= 0"),
+    (lambda f: f["exit_costs"].__setitem__(-1, math.inf), "'exit_costs' must hold finite numbers >= 0"),
+    (lambda f: f["exit_costs"].__setitem__(0, -1.0), "'exit_costs' must hold finite numbers >= 0"),
+    (lambda f: f["budget"]["cost"].__setitem__(0, math.nan), "'budget.cost' must hold finite numbers >= 0"),
+    (lambda f: f["budget"]["q"].pop(), "'budget.q' must hold"),
+    (lambda f: f.update(num_exits=f["num_exits"] + 1), "'test/top1' must hold"),
+])
+def test_compare_refuses_an_unusable_final_json(change: Callable[[dict[str, Any]], object], field: str,
+                                                finished: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Item 10: every field compare and evaluate --compare read is checked; the error names the file and the
+    field, nothing is reported, and --rerun-changed trains the run again."""
+    out = copy(finished, tmp_path)
+    run = run_dir(out, "ce", 1)
+    edit_final(run, change)
+    table = (out / COMPARISON_JSON).read_bytes()
+    expect_error(capsys, ["compare", "--methods", "ce", "--seeds", "2", "--out", str(out), *FAST],
+                 str(run / FINAL_FILE), field, "--rerun-changed")
+    assert (out / COMPARISON_JSON).read_bytes() == table
+    expect_error(capsys, ["evaluate", str(run_dir(out, "ce", 0)), "--compare", str(run), "--out", str(tmp_path / "e")],
+                 str(run / FINAL_FILE), field)
+    assert not (tmp_path / "e").exists()
+    assert compare_ce(out, "--rerun-changed") == 0
+    printed = capsys.readouterr().out
+    assert f"the record of {run} is unusable" in printed and "training it again" in printed
+    assert read_final(run)["budget"]["q"] == read_final(run_dir(finished, "ce", 1))["budget"]["q"]
+    assert [r["epoch"] for r in read_metrics(run)] == [1]
+    assert json.loads((out / COMPARISON_JSON).read_text())["ce"]["top1_mean"] == \
+        json.loads((finished / COMPARISON_JSON).read_text())["ce"]["top1_mean"]  # the same run, trained again
+
+
+@pytest.mark.parametrize(("extra", "pieces"), [
+    (["--epochs", "2", "--lr", "0.5", "--batch-size", "16"],
+     ["--epochs 1 (asked 2)", "--lr 0.1 (asked 0.5)", "--batch-size 32 (asked 16)", "and 1 more run(s)"]),
+    (["--nesterov", "--milestones", "0.3"], ["--nesterov False (asked True)", "--milestones 0.5 0.75 (asked 0.3)"]),
+    (["--limit", "48"], ["--limit 64 (asked 48)"]),
+    (["--amp", "off"], ["--amp auto (asked off)"]),
+])
+def test_compare_refuses_runs_with_other_settings(extra: list[str], pieces: list[str], finished: Path,
+                                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Item 11: a finished run trained with other settings is not reported as the requested one."""
+    out = copy(finished, tmp_path)
+    before = files(out)
+    expect_error(capsys, ["compare", "--methods", "ce", "--seeds", "2", "--out", str(out), *FAST, *extra],
+                 f"{run_dir(out, 'ce', 0)} was trained with other settings", *pieces, "--rerun-changed")
+    assert files(out) == before
+
+
+def files(out: Path) -> dict[Path, bytes]:
+    """Every file under ``out`` but the (empty) lock files, and its contents."""
+    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".lock"}
+
+
+def test_compare_refuses_the_dataset_default_epochs_of_a_shorter_run(finished: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Item 11: no --epochs is the dataset's default (12 on digits), not the stored run's 1 epoch."""
+    out = copy(finished, tmp_path)
+    argv = [a for a in FAST if a not in ("--epochs", "1")]
+    expect_error(capsys, ["compare", "--methods", "ce", "--seeds", "2", "--out", str(out), *argv],
+                 "--epochs 1 (asked 12)")
+
+
+def test_compare_refuses_to_resume_a_stopped_run_with_other_settings(finished: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = copy(finished, tmp_path)
+    (run_dir(out, "ce", 0) / FINAL_FILE).unlink()  # stopped after its last checkpoint
+    expect_error(capsys, ["compare", "--methods", "ce", "--seeds", "2", "--out", str(out), *FAST, "--lr", "0.5"],
+                 f"{run_dir(out, 'ce', 0)} (stopped) was started with other settings: --lr 0.1 (asked 0.5)",
+                 "and 1 more run(s)")
+    assert not (run_dir(out, "ce", 0) / FINAL_FILE).exists()
+
+
+def test_compare_reuses_runs_whatever_their_neutral_settings(finished: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--out (the copy), --device, --workers and the progress bars do not change what a run trains."""
+    out = copy(finished, tmp_path)
+    argv = ["--limit", "64", "--epochs", "1", "--batch-size", "32", "--backend", "torch", "--device", "auto",
+            "--workers", "1"]
+    capsys.readouterr()
+    assert main(["compare", "--methods", "ce", "--seeds", "2", "--out", str(out), *argv]) == 0
+    assert capsys.readouterr().out.count("finished earlier, reusing") == 2
+
+
+def test_compare_reruns_changed_runs_when_asked(finished: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = copy(finished, tmp_path)
+    (run_dir(out, "ce", 1) / FINAL_FILE).unlink()  # a stopped run is trained again too, not resumed
+    capsys.readouterr()
+    assert compare_ce(out, "--epochs", "2", "--lr", "0.5", "--batch-size", "16", "--rerun-changed") == 0
+    printed = capsys.readouterr().out
+    assert printed.count("with other settings: --epochs 1 (asked 2)") == 2 and "reusing" not in printed
+    for seed in (0, 1):
+        run = run_dir(out, "ce", seed)
+        config = json.loads((run / "config.json").read_text())
+        assert (config["epochs"], config["lr"], config["batch_size"]) == (2, 0.5, 16)
+        assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+        assert read_final(run)["epochs"] == 2
+    capsys.readouterr()
+    assert compare_ce(out, "--epochs", "2", "--lr", "0.5", "--batch-size", "16") == 0  # now they match
+    assert capsys.readouterr().out.count("finished earlier, reusing") == 2
+
+
+_TOGETHER = """
+import sys, time
+from pathlib import Path
+go = Path(sys.argv[1])
+from hdkd_fast.cli import main  # imported before the start line: both processes compare at once
+while not go.exists():
+    time.sleep(0.005)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_two_compares_into_one_out_train_each_run_once(tmp_path: Path) -> None:
+    """Item 12: two processes started together into one --out: one trains ce/seed0, the other waits for its
+    lock and reuses the finished run; the metrics hold epochs [1, 2] once."""
+    out, go = tmp_path / "cmp", tmp_path / "go"
+    argv = ["compare", "--methods", "ce", "--seeds", "1", "--out", str(out), *FAST, "--epochs", "2"]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    procs = [subprocess.Popen([sys.executable, "-c", _TOGETHER, str(go), *argv], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    time.sleep(0.5)
+    go.touch()
+    done = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, stderr) in zip(procs, done, strict=True):
+        assert proc.returncode == 0, stderr
+    printed = [stdout for stdout, _ in done]
+    trained = [p for p in printed if f"ce, seed 0: training {run_dir(out, 'ce', 0)}" in p]
+    waited = [p for p in printed if "another compare is training" in p and "finished earlier, reusing" in p]
+    assert len(trained) == len(waited) == 1, printed
+    assert [r["epoch"] for r in read_metrics(run_dir(out, "ce", 0))] == [1, 2]
+    assert json.loads((out / COMPARISON_JSON).read_text())["ce"]["seeds"] == [0]

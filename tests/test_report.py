@@ -196,6 +196,25 @@ def test_read_final_errors(tmp_path: Path) -> None:
     check({**good, "budget": {"cost": [1.0, 2.0], "accuracy": [0.5]}}, "'budget.accuracy' must hold 2 values")
     check({**good, "num_exits": True}, "'num_exits' must be a positive integer")
     check({**good, "method": None}, "'method' must be a string")
+    # issue 22 item 10: every value compare and evaluate --compare read (NaN / Infinity are JSON here)
+    nan, inf = float("nan"), float("inf")
+    budget = good["budget"]
+    check({k: v for k, v in good.items() if k != "train_time_s"}, r"missing required key\(s\) \['train_time_s'\]")
+    for value in (None, "12.3", nan, inf, -1.0, True):
+        check({**good, "train_time_s": value}, "'train_time_s' must be a finite number of seconds >= 0")
+    check({**good, "budget": {k: v for k, v in budget.items() if k != "q"}}, "'budget.q' is missing")
+    check({**good, "budget": {**budget, "q": None}}, "'budget.q' must be a non-empty list of numbers")
+    check({**good, "budget": {**budget, "q": budget["q"][:-1]}},
+          r"'budget.q' must hold 8 values \(one per budget point\); got 7")
+    for bad in (nan, inf, -1.0):
+        check({**good, "exit_costs": [bad, *good["exit_costs"][1:]]}, "'exit_costs' must hold finite numbers >= 0")
+        check({**good, "budget": {**budget, "cost": [*budget["cost"][:-1], bad]}},
+              "'budget.cost' must hold finite numbers >= 0")
+        check({**good, "budget": {**budget, "q": [bad, *budget["q"][1:]]}}, "'budget.q' must hold finite numbers >= 0")
+    check({**good, "test/top1": [nan, *good["test/top1"][1:]]},
+          r"'test/top1' must hold accuracies as fractions in \[0, 1\]")
+    check({**good, "budget": {**budget, "accuracy": [1.5, *budget["accuracy"][1:]]}},
+          r"'budget.accuracy' must hold accuracies as fractions in \[0, 1\]")
 
 
 # --- tables -------------------------------------------------------------------------------------------------

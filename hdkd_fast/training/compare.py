@@ -4,9 +4,26 @@ accuracy-versus-FLOPs curve in one plot.
 
 Layout of the comparison directory ``out``: one run directory per method and seed, ``out/<method>/seed<s>``
 (an ordinary ``hdkd-fast train`` run: logs, checkpoint, ``final.json``, plots), and the comparison's own
-files ``comparison.json``, ``comparison.md`` and ``compare_budget.png``. A run that already finished is
-reused and a stopped one resumed from its checkpoint, so an interrupted comparison continues with the
-same command.
+files ``comparison.json``, ``comparison.md`` and ``compare_budget.png``.
+
+Reuse: a run that already finished is reused and a stopped one resumed from its checkpoint, so an
+interrupted comparison continues with the same command, but only when its stored settings (a finished
+run's ``config.json`` and the identity in its ``final.json``, a stopped run's checkpoint) equal the
+request in every field of :class:`~hdkd_fast.training.config.TrainConfig` except
+:data:`~hdkd_fast.training.config.NEUTRAL_FIELDS` (``out``, ``device``, ``progress``, ``workers``), with
+``None`` (dataset, epochs, model) resolved to the dataset's default first. A run with other settings, or
+whose ``final.json``, ``config.json`` or checkpoint is unusable (every field of ``final.json`` is checked
+by :func:`~hdkd_fast.training.report.read_final`), is an error naming the run and the differing settings
+(or the file and the field) before anything trains; ``rerun_changed=True`` (``--rerun-changed``) trains
+such runs again from scratch instead.
+
+Concurrency: each run directory is locked (``.compare.lock`` inside it, a ``filelock`` lock, released when
+its process ends, even killed) while it is checked and trained, so comparisons started at once into one
+``out`` never train the same run twice: a run another process holds is skipped until the others are done,
+then waited for and reused (or resumed, if that process stopped). ``comparison.*`` are written under
+``out/.comparison.lock``.
+
+At most :data:`MAX_SEEDS` seeds; every method's settings are validated once (a seed changes only the seed).
 
 Statistics over the n seeds: the mean :math:`\bar a = \frac1n\sum_s a_s` and the sample standard deviation
 :math:`\sqrt{\frac{1}{n-1}\sum_s (a_s-\bar a)^2}` (0 for one seed). A method's budget curve is the mean over
@@ -19,21 +36,34 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, Literal, TypedDict
 
-from .checkpoint import CHECKPOINT, writing
-from .config import TrainConfig
-from .loop import train
+from filelock import FileLock, Timeout
+
+from .._validation import check_count
+from .checkpoint import CHECKPOINT, load_checkpoint, writing
+from .config import NEUTRAL_FIELDS, TrainConfig
+from .loop import CONFIG, train
 from .methods import method_class
 from .report import FINAL_FILE, flop_unit, format_markdown_rows, format_text_rows, read_final
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
 BUDGET_PLOT = "compare_budget.png"
+RUN_LOCK = ".compare.lock"
+"""The lock file in each run directory, held while the run is checked and trained."""
+COMPARISON_LOCK = ".comparison.lock"
+"""The lock file in the comparison directory, held while ``comparison.*`` are written."""
+MAX_SEEDS = 1000
+"""The most seeds one comparison takes: each seed is a full training run per method and the standard error
+of the mean shrinks only as 1/√n, so a larger count is a mistake (``--seeds 1000000000000``) stopped
+before it plans runs that never end."""
+RERUN_FLAG = "--rerun-changed"
+
+Action = Literal["reuse", "resume", "train"]
 
 
 class MethodSummary(TypedDict):
@@ -55,41 +85,194 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
 
 
 def compare_methods(config: TrainConfig, methods: Sequence[str], seeds: Sequence[int], out: str | Path, *,
-                    log: Callable[[str], None] = print) -> dict[str, MethodSummary]:
+                    rerun_changed: bool = False, log: Callable[[str], None] = print) -> dict[str, MethodSummary]:
     """Train (or reuse) ``config`` with every method of ``methods`` and every seed of ``seeds`` under ``out``,
     then write and return the per-method summaries (see the module docstring).
 
-    ``config.method``, ``config.seed`` and ``config.out`` are replaced per run. Every run's settings are
-    checked before the first one trains.
+    ``config.method``, ``config.seed`` and ``config.out`` are replaced per run. The settings of every method
+    and the stored settings of every existing run are checked before the first run trains: a stored run with
+    other settings than ``config`` (or an unusable record) is a ``ValueError`` naming it, unless
+    ``rerun_changed``, which trains it again from scratch.
     """
     if isinstance(methods, str) or not methods:
         raise ValueError("methods must be a non-empty list of method names")
     if len(set(methods)) != len(methods):
         raise ValueError(f"methods lists a method more than once: {list(methods)}")
-    if isinstance(seeds, (str, bytes)) or not seeds or len(set(seeds)) != len(seeds):
+    if isinstance(seeds, (str, bytes)) or not seeds:
         raise ValueError(f"seeds must be a non-empty list of distinct seeds; got {seeds!r}")
+    if len(seeds) > MAX_SEEDS:
+        raise ValueError(f"at most {MAX_SEEDS} seeds (each is one run per method); got {len(seeds)}")
+    for seed in seeds:
+        check_count(seed, "seed", minimum=0)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list of distinct seeds; got {list(seeds)}")
+    root = Path(out)
+
+    def request(method: str, seed: int) -> TrainConfig:
+        return dataclasses.replace(config, method=method, seed=seed, out=str(run_dir(root, method, seed)))
+
     for method in methods:
         method_class(method)  # names the bad one
-    root = Path(out)
-    configs = {(m, s): dataclasses.replace(config, method=m, seed=s, out=str(run_dir(root, m, s))).validate()
-               for m in methods for s in seeds}
-    for n, ((method, seed), cfg) in enumerate(configs.items(), start=1):
-        where = Path(cfg.out or "")
-        prefix = f"[{n}/{len(configs)}] {method}, seed {seed}"
-        if (where / FINAL_FILE).exists():
-            log(f"{prefix}: finished earlier, reusing {where}")
-            continue
-        resume = (where / CHECKPOINT).exists()
-        log(f"{prefix}: {'resuming' if resume else 'training'} {where}")
-        train(cfg, resume=resume, log=log)
-    summaries = {m: summarize([run_dir(root, m, s) for s in seeds], list(seeds)) for m in methods}
-    write_comparison(summaries, root)
+        request(method, seeds[0]).validate()  # the seed alone differs between a method's runs: checked above
+    runs = [(method, seed) for method in methods for seed in seeds]
+    problems = []
+    for method, seed in runs:  # before anything trains
+        where = run_dir(root, method, seed)
+        if where.is_dir():
+            with _run_lock(where, wait=False) as held:  # a run another process holds is checked on its turn
+                problem = _inspect(where, request(method, seed))[1] if held else None
+            if problem is not None:
+                problems.append(problem)
+    if problems and not rerun_changed:
+        more = f" (and {len(problems) - 1} more run(s) in {root})" if len(problems) > 1 else ""
+        raise ValueError(f"{problems[0]}{more}; pass {RERUN_FLAG} to train such runs again with these "
+                         "settings, or choose another --out")
+    finals: dict[tuple[str, int], dict[str, Any]] = {}  # each read under its run's lock, as checked
+    waiting = []
+    for n, (method, seed) in enumerate(runs, start=1):
+        where = run_dir(root, method, seed)
+        prefix = f"[{n}/{len(runs)}] {method}, seed {seed}"
+        with writing(where, "create the run directory"):
+            where.mkdir(parents=True, exist_ok=True)
+        with _run_lock(where, wait=False) as held:
+            if held:
+                finals[method, seed] = _run(where, request(method, seed), prefix, rerun_changed, log)
+                continue
+        log(f"{prefix}: another compare is training {where}; back to it after the other runs")
+        waiting.append((method, seed, prefix))
+    for method, seed, prefix in waiting:
+        where = run_dir(root, method, seed)
+        log(f"{prefix}: waiting for the other compare to release {where / RUN_LOCK}")
+        with _run_lock(where, wait=True):
+            finals[method, seed] = _run(where, request(method, seed), prefix, rerun_changed, log)
+    summaries = {m: _summary([finals[m, s] for s in seeds], [run_dir(root, m, s) for s in seeds], list(seeds))
+                 for m in methods}
+    with FileLock(str(root / COMPARISON_LOCK)):
+        write_comparison(summaries, root)
     return summaries
 
 
+@contextlib.contextmanager
+def _run_lock(where: Path, *, wait: bool) -> Iterator[bool]:
+    """Hold the lock of the run directory ``where`` (it must exist): yields ``True``, or ``False`` at once
+    when another thread or process holds it and not ``wait``."""
+    lock = FileLock(str(where / RUN_LOCK))
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def _run(where: Path, config: TrainConfig, prefix: str, rerun_changed: bool,
+         log: Callable[[str], None]) -> dict[str, Any]:
+    """Reuse, resume or train the run in ``where`` (its lock held) as :func:`_inspect` finds it; returns its
+    ``final.json``."""
+    action, problem, final = _inspect(where, config)
+    if problem is not None:
+        if not rerun_changed:  # changed since the check before training (another process wrote it)
+            raise ValueError(f"{problem}; pass {RERUN_FLAG} to train it again with these settings")
+        log(f"{prefix}: {problem}; training it again")
+        for name in (FINAL_FILE, CHECKPOINT):  # the result first: no state of it looks finished
+            with writing(where / name, "remove"):
+                (where / name).unlink(missing_ok=True)
+        action = "train"
+    if action == "reuse" and final is not None:
+        log(f"{prefix}: finished earlier, reusing {where}")
+        return final
+    log(f"{prefix}: {'resuming' if action == 'resume' else 'training'} {where}")
+    train(config, resume=action == "resume", log=log)
+    return read_final(where)
+
+
+def _inspect(where: Path, config: TrainConfig) -> tuple[Action, str | None, dict[str, Any] | None]:
+    """What to do with the run directory ``where`` for the request ``config``, why it cannot be done
+    (``None`` when it can) and, for a finished run, its ``final.json``: reuse a finished run, resume a
+    stopped one, or train a new one. The problem is a stored setting that differs from ``config`` or an
+    unusable record (it names the file and the field)."""
+    if (where / FINAL_FILE).exists():
+        try:
+            final = read_final(where)
+            stored = read_config(where)
+        except (ValueError, OSError) as exc:
+            return "reuse", f"the record of {where} is unusable: {exc}", None
+        differences = setting_differences(stored, config)
+        asked = resolved_request(stored, config)
+        for name in ("method", "dataset", "model", "epochs"):  # final.json's own account of its run
+            if name in final and final[name] != getattr(asked, name) and name not in differences:
+                differences[name] = (final[name], getattr(asked, name))
+        return "reuse", _differ(f"{where} was trained", differences), final
+    if (where / CHECKPOINT).exists():
+        try:
+            stored = TrainConfig.from_json(load_checkpoint(where)["config"])
+        except (ValueError, TypeError) as exc:
+            return "resume", f"the record of {where} is unusable: {exc}", None
+        return "resume", _differ(f"{where} (stopped) was started", setting_differences(stored, config)), None
+    return "train", None, None  # a start that never wrote a checkpoint is cleared by train()
+
+
+def _differ(what: str, differences: Mapping[str, tuple[Any, Any]]) -> str | None:
+    if not differences:
+        return None
+    shown = ", ".join(f"{_flag(name)} {_shown(old)} (asked {_shown(new)})" for name, (old, new) in differences.items())
+    return f"{what} with other settings: {shown}"
+
+
+def _flag(name: str) -> str:
+    return "extra" if name == "extra" else "--" + name.replace("_", "-")
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def read_config(run: Path) -> TrainConfig:
+    """The settings stored in ``run/config.json``, checked; a ``ValueError`` names the file."""
+    path = run / CONFIG
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"settings must be a JSON object; got {type(data).__name__}")
+        return TrainConfig.from_json(data).validate()
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def resolved_request(stored: TrainConfig, config: TrainConfig) -> TrainConfig:
+    """``config`` with the dataset defaults filled in as its run would: no dataset and no data directory is
+    the embedded digits; no dataset with a data directory is the one detected there, which for the same
+    directory is the stored run's."""
+    dataset = config.dataset or ("digits" if config.data_dir is None else stored.dataset) or "digits"
+    return dataclasses.replace(config, dataset=dataset).resolved()
+
+
+def setting_differences(stored: TrainConfig, config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings of a stored run that differ from the request ``config`` (resolved as its run would be:
+    :func:`resolved_request`), as ``{field: (stored, asked)}``; the :data:`NEUTRAL_FIELDS` are not compared."""
+    old, new = stored.to_json(), resolved_request(stored, config).to_json()
+    return {name: (old[name], new[name]) for name in old if name not in NEUTRAL_FIELDS and old[name] != new[name]}
+
+
 def summarize(runs: Sequence[Path], seeds: list[int]) -> MethodSummary:
-    """Mean and standard deviation over ``runs`` (one method, one run per seed) of their ``final.json``."""
-    finals = [read_final(run) for run in runs]
+    """Mean and standard deviation over ``runs`` (one method, one run per seed) of their ``final.json``
+    (each checked by :func:`~hdkd_fast.training.report.read_final`)."""
+    return _summary([read_final(run) for run in runs], runs, seeds)
+
+
+def _summary(finals: Sequence[Mapping[str, Any]], runs: Sequence[Path], seeds: list[int]) -> MethodSummary:
+    """:func:`summarize` of the checked ``final.json`` contents ``finals`` of ``runs``."""
     exits = {len(f["test/top1"]) for f in finals}
     quantiles = {tuple(f["budget"]["q"]) for f in finals}
     if len(exits) != 1 or len(quantiles) != 1:
@@ -107,7 +290,7 @@ def summarize(runs: Sequence[Path], seeds: list[int]) -> MethodSummary:
         exit_costs=mean([f["exit_costs"] for f in finals]),
         budget_cost=mean([f["budget"]["cost"] for f in finals]),
         budget_accuracy=mean([f["budget"]["accuracy"] for f in finals]),
-        train_time_s=statistics.fmean(float(f.get("train_time_s", math.nan)) for f in finals),
+        train_time_s=statistics.fmean(float(f["train_time_s"]) for f in finals),
         runs=[str(run) for run in runs],
     )
 
@@ -141,7 +324,7 @@ def write_comparison(summaries: Mapping[str, MethodSummary], out: Path) -> list[
     seeds = next(iter(summaries.values()))["seeds"]
     header = f"Test top-1 (%) per exit, mean ± std over seeds {seeds}\n\n"
     written = []
-    for name, text in ((COMPARISON_JSON, json.dumps(summaries, indent=2) + "\n"),
+    for name, text in ((COMPARISON_JSON, json.dumps(summaries, indent=2, allow_nan=False) + "\n"),
                        (COMPARISON_MD, header + format_markdown_rows(*comparison_rows(summaries)) + "\n")):
         with writing(out / name):
             (out / name).write_text(text)

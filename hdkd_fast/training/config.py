@@ -29,6 +29,12 @@ RESUME_FIELDS = ("epochs", "progress", "workers")
 """The settings ``train(config, resume=True)`` takes from ``config`` (besides ``out``, and ``device``, where
 the run continues); every other one comes from the checkpoint."""
 
+NEUTRAL_FIELDS = ("out", "device", "progress", "workers")
+"""The settings that say where and how a run's process works, not what it trains: its directory, the device
+(``--resume`` may continue a run on another; ``amp`` and ``channels_last`` are compared as given, so ``auto``
+follows the device), the progress bars and the data-loader processes (batches do not depend on them).
+``hdkd-fast compare`` reuses a stored run whose every other setting equals the request."""
+
 PAPER_EPOCHS = 300
 """MSDNet / HDKD CIFAR recipe: 300 epochs, batch 64, SGD lr 0.1 (÷10 at 50 % and 75 %), momentum 0.9,
 weight decay 1e-4. The embedded digits default trains for :data:`DIGITS_EPOCHS` instead."""

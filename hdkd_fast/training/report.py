@@ -6,8 +6,11 @@ A run directory written by ``hdkd-fast train`` holds
   [0, 1]); the other per-exit values (``train/top1``, ``val/top5``, ``weights/ce``) are lists of K numbers,
   ``weights/kd`` is K×K (student i row, teacher j column) with zeros outside the selected pairs, and
   unknown keys are ignored;
-- ``final.json``: the test results: ``method``, ``num_exits``, ``test/top1``, ``test/top5``, ``exit_costs``
-  (cumulative FLOPs per sample of each exit) and the ``budget`` curve (``cost``, ``accuracy``, ``q``);
+- ``final.json``: the test results: ``method``, ``num_exits``, ``test/top1``, ``test/top5`` (K accuracies in
+  [0, 1]), ``exit_costs`` (cumulative FLOPs per sample of each exit: K finite numbers >= 0), the ``budget``
+  curve (``cost``, ``accuracy`` and the threshold quantiles ``q``, lists of one length) and ``train_time_s``;
+  :func:`read_final` checks every one of them (the one check of ``final.json``: ``hdkd-fast evaluate``,
+  ``evaluate --compare`` and ``compare`` all read it so);
 - ``config.json``: the run's arguments.
 
 :func:`write_run_plots` draws one run's PNGs; :func:`compare_runs` (``hdkd-fast evaluate --compare``)
@@ -33,7 +36,7 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_FILE = "final.json"
 RECORD_KEYS = ("epoch", "val/top1")
 """Keys every ``metrics.jsonl`` record must have."""
-FINAL_KEYS = ("method", "num_exits", "test/top1", "test/top5", "exit_costs", "budget")
+FINAL_KEYS = ("method", "num_exits", "test/top1", "test/top5", "exit_costs", "budget", "train_time_s")
 """Keys ``final.json`` must have."""
 MAX_WEIGHT_PANELS = 5
 """Epochs shown by :func:`plot_weight_matrices`: the first, evenly spaced ones, the last."""
@@ -85,11 +88,14 @@ def read_metrics(run_dir: PathArg) -> list[dict[str, Any]]:
 
 
 def read_final(run_dir: PathArg) -> dict[str, Any]:
-    """The test results of ``run_dir/final.json``, checked for the keys of :data:`FINAL_KEYS`.
+    """The test results of ``run_dir/final.json``, checked for the keys of :data:`FINAL_KEYS` and the value of
+    each: accuracies in [0, 1], one per exit; costs, budget quantiles and the training time finite and >= 0;
+    the budget's ``cost``, ``accuracy`` and ``q`` of one length.
 
     Raises:
         FileNotFoundError: no ``final.json`` in ``run_dir`` (the run did not finish).
-        ValueError: invalid JSON, a missing key, or values of the wrong shape (the message names the file).
+        ValueError: invalid JSON, a missing key, or a value of the wrong type, length or range (the message
+            names the file and the field).
     """
     path = _run_file(run_dir, FINAL_FILE)
     try:
@@ -336,19 +342,28 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _numbers(value: object, what: str, length: int | None = None) -> list[float]:
-    """``value`` as floats; it must be a non-empty list of numbers, of ``length`` items when given."""
+def _numbers(value: object, what: str, length: int | None = None, per: str = "exit") -> list[float]:
+    """``value`` as floats; it must be a non-empty list of numbers, of ``length`` items (one per ``per``) when
+    given."""
     if not isinstance(value, (list, tuple)) or not value or not all(_is_number(v) for v in value):
         raise ValueError(f"{what} must be a non-empty list of numbers; got {reprlib.repr(value)}")
     if length is not None and len(value) != length:
-        raise ValueError(f"{what} must hold {length} values (one per exit); got {len(value)}")
+        raise ValueError(f"{what} must hold {length} values (one per {per}); got {len(value)}")
     return [float(v) for v in value]
 
 
-def _accuracies(value: object, what: str, length: int | None = None) -> list[float]:
-    values = _numbers(value, what, length)
+def _accuracies(value: object, what: str, length: int | None = None, per: str = "exit") -> list[float]:
+    values = _numbers(value, what, length, per)
     if not all(0.0 <= v <= 1.0 for v in values):
         raise ValueError(f"{what} must hold accuracies as fractions in [0, 1]; got {reprlib.repr(values)}")
+    return values
+
+
+def _nonnegatives(value: object, what: str, length: int | None = None, per: str = "exit") -> list[float]:
+    """Costs and quantiles: finite numbers >= 0 (no NaN, no infinity)."""
+    values = _numbers(value, what, length, per)
+    if not all(math.isfinite(v) and v >= 0.0 for v in values):
+        raise ValueError(f"{what} must hold finite numbers >= 0; got {reprlib.repr(values)}")
     return values
 
 
@@ -402,12 +417,18 @@ def _check_final(final: object, where: str) -> int:
         raise ValueError(f"{where}: 'num_exits' must be a positive integer; got {k!r}")
     _accuracies(final["test/top1"], f"{where}: 'test/top1'", k)
     _accuracies(final["test/top5"], f"{where}: 'test/top5'", k)
-    _numbers(final["exit_costs"], f"{where}: 'exit_costs'", k)
+    _nonnegatives(final["exit_costs"], f"{where}: 'exit_costs'", k)
     budget = final["budget"]
     if not isinstance(budget, Mapping) or "cost" not in budget or "accuracy" not in budget:
         raise ValueError(f"{where}: 'budget' must be an object with 'cost' and 'accuracy' lists")
-    points = len(_numbers(budget["cost"], f"{where}: 'budget.cost'"))
-    _accuracies(budget["accuracy"], f"{where}: 'budget.accuracy'", points)
+    points = len(_nonnegatives(budget["cost"], f"{where}: 'budget.cost'"))
+    _accuracies(budget["accuracy"], f"{where}: 'budget.accuracy'", points, "budget point")
+    if "q" not in budget:
+        raise ValueError(f"{where}: 'budget.q' is missing (the threshold quantile of each budget point)")
+    _nonnegatives(budget["q"], f"{where}: 'budget.q'", points, "budget point")
+    time_s = final["train_time_s"]
+    if not _is_number(time_s) or not math.isfinite(time_s) or time_s < 0:
+        raise ValueError(f"{where}: 'train_time_s' must be a finite number of seconds >= 0; got {time_s!r}")
     return k
 
 
