@@ -105,6 +105,11 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-size", type=int, default=None,
                    help="train on a seeded random subset of this many training images (limited-data regime); "
                    "validation and test splits unchanged")
+    p.add_argument("--label-noise", type=float, default=d.label_noise, metavar="P",
+                   help="symmetric label noise: each training label is replaced, with probability P in [0, 1), by "
+                   "a class drawn uniformly from the other ones (seeded by --seed); validation and test stay clean")
+    p.add_argument("--label-noise-validation", action="store_true",
+                   help="give the validation labels the same --label-noise too (hdkd learns its weights on them)")
     p.add_argument("--image-size", type=int, default=None,
                    help="side of the images, at most 1024: image folders (default 32; each image resized to it) "
                    "and the MNIST family (default and at most 28; smaller = area-resampled, e.g. 14 for a 4x "

@@ -254,6 +254,10 @@ def test_unknown_method_is_an_argparse_error(capsys: pytest.CaptureFixture[str])
     (["--method", "erde"], ["method 'erde' needs --teacher"]),
     (["--method", "dkd", "--teacher", "somewhere"], ["--teacher is only used by method 'erde', not 'dkd'"]),
     (["--data-dir", "<tmp>/missing"], ["data_dir", "missing does not exist"]),
+    (["--label-noise", "1"], ["--label-noise", "must be a probability in [0, 1)", "got 1.0"]),
+    (["--label-noise", "nan"], ["--label-noise", "got nan"]),
+    (["--label-noise", "-0.2"], ["--label-noise", "got -0.2"]),
+    (["--label-noise-validation"], ["--label-noise-validation", "needs label_noise (--label-noise) > 0"]),
     (["--resume", "--out", "<tmp>"], ["--resume", "takes only", "remove --batch-size, --limit"]),  # FAST's
 ])
 def test_bad_train_arguments(args: list[str], pieces: list[str], tmp_path: Path,

@@ -203,6 +203,7 @@ def test_compare_refuses_an_unusable_final_json(change: Callable[[dict[str, Any]
     (["--nesterov", "--milestones", "0.3"], ["--nesterov False (asked True)", "--milestones 0.5 0.75 (asked 0.3)"]),
     (["--limit", "48"], ["--limit 64 (asked 48)"]),
     (["--amp", "off"], ["--amp auto (asked off)"]),
+    (["--label-noise", "0.2"], ["--label-noise 0.0 (asked 0.2)"]),
 ])
 def test_compare_refuses_runs_with_other_settings(extra: list[str], pieces: list[str], finished: Path,
                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import pickle
 import re
 import tarfile
@@ -26,7 +27,11 @@ from hdkd_fast.data import (
     ImageDataset,
     TensorImageDataset,
     load_dataset,
+    symmetric_noise,
+    with_label_noise,
 )
+from hdkd_fast.data.noise import NOISE_STREAM, TRAIN_SPLIT
+from hdkd_fast.data.splits import mix_seed
 
 CIFAR10_FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
 CIFAR100_FILES = ["train", "test", "meta"]
@@ -695,3 +700,85 @@ def test_load_dataset_arguments(tmp_path: Path) -> None:
         ValueError, match="val_size = 1438 holds out 1438 images but the split it is taken from has only 1438"
     ):
         load_dataset(val_size=1438)
+
+
+# --- label noise (issue 23 item 3) -------------------------------------------------------------------------
+
+
+def test_symmetric_noise_flips_p_of_the_labels_to_uniformly_drawn_other_classes() -> None:
+    n, classes, p = 200_000, 10, 0.3
+    labels = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(1))
+    noisy = symmetric_noise(labels, classes, p, 7, NOISE_STREAM, TRAIN_SPLIT)
+    changed = noisy != labels
+    # the realised rate: Binomial(n, p) / n, within 5 standard deviations of p
+    assert abs(changed.double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+    # every drawn flip (u < p, the first draw) changed the label: none went back to its own class
+    drawn = torch.rand(n, generator=torch.Generator().manual_seed(mix_seed(7, NOISE_STREAM, TRAIN_SPLIT))) < p
+    assert torch.equal(changed, drawn)
+    # the new class is uniform over the C - 1 others: each (y, y') pair, y' != y, within 5 sigma of its share
+    pairs = torch.zeros(classes, classes)
+    pairs.index_put_((labels[changed], noisy[changed]), torch.ones(int(changed.sum())), accumulate=True)
+    assert not pairs.diagonal().any()
+    for y in range(classes):
+        flipped = pairs[y].sum().item()
+        q = 1 / (classes - 1)
+        others = torch.cat([pairs[y, :y], pairs[y, y + 1:]])
+        assert (others - flipped * q).abs().max() < 5 * math.sqrt(flipped * q * (1 - q))
+
+
+def test_symmetric_noise_is_seeded_and_nested() -> None:
+    labels = torch.randint(0, 5, (5000,), generator=torch.Generator().manual_seed(0))
+    a = symmetric_noise(labels, 5, 0.2, 3)
+    assert torch.equal(a, symmetric_noise(labels, 5, 0.2, 3))
+    assert not torch.equal(a, symmetric_noise(labels, 5, 0.2, 4))
+    more = symmetric_noise(labels, 5, 0.4, 3)  # same seed, larger rate: a superset, to the same classes
+    flipped = a != labels
+    assert torch.equal(more[flipped], a[flipped]) and (more != labels).sum() > flipped.sum()
+    assert torch.equal(symmetric_noise(labels, 5, 0.0, 3), labels)
+
+
+@pytest.mark.parametrize(("p", "error", "message"), [
+    (1.0, ValueError, r"p must be a probability in \[0, 1\)"),
+    (-0.1, ValueError, r"p must be a probability in \[0, 1\)"),
+    (math.nan, ValueError, r"p must be a probability in \[0, 1\).*got nan"),
+    (True, TypeError, "p must be a real number"),
+])
+def test_symmetric_noise_rejects_a_bad_rate(p: float, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        symmetric_noise(torch.zeros(4, dtype=torch.int64), 3, p, 0)
+
+
+def test_symmetric_noise_needs_two_classes_and_labels_in_range() -> None:
+    with pytest.raises(ValueError, match="two classes or more"):
+        symmetric_noise(torch.zeros(4, dtype=torch.int64), 1, 0.5, 0)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        symmetric_noise(torch.tensor([0, 3]), 3, 0.5, 0)
+
+
+def test_label_noise_of_a_bundle_keeps_validation_and_test_clean_unless_asked() -> None:
+    pytest.importorskip("sklearn")
+    clean = load_dataset("digits", seed=2)
+    noisy = with_label_noise(clean, 0.5, 2)
+    assert noisy.train.labels.shape == clean.train.labels.shape
+    assert (noisy.train.labels != clean.train.labels).double().mean().item() == pytest.approx(0.5, abs=0.1)
+    assert torch.equal(images_of(noisy.train), images_of(clean.train))
+    assert torch.equal(noisy.val.labels, clean.val.labels) and torch.equal(noisy.test.labels, clean.test.labels)
+    assert torch.equal(with_label_noise(load_dataset("digits", seed=2), 0.5, 2).train.labels, noisy.train.labels)
+    assert not torch.equal(with_label_noise(clean, 0.5, 3).train.labels, noisy.train.labels)
+    both = with_label_noise(clean, 0.5, 2, validation=True)
+    assert torch.equal(both.train.labels, noisy.train.labels)  # the training draw does not depend on the option
+    assert (both.val.labels != clean.val.labels).double().mean().item() == pytest.approx(0.5, abs=0.15)
+    assert torch.equal(both.test.labels, clean.test.labels)
+    assert with_label_noise(clean, 0.0, 2, validation=True) is clean
+    _, batch_labels = noisy.train.batch([3, 1])
+    assert torch.equal(batch_labels, noisy.train.labels[torch.tensor([3, 1])])
+    assert torch.equal(noisy.train.subset([3, 1]).labels, batch_labels)
+
+
+def test_relabeled_checks_its_labels() -> None:
+    dataset = TensorImageDataset(torch.zeros(3, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"labels must have shape \[3\]"):
+        dataset.relabeled(torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="labels must be an integer Tensor"):
+        dataset.relabeled(torch.zeros(3))
+    assert dataset.relabeled(torch.tensor([2, 2, 2]))[0][1] == 2 and dataset[0][1] == 0

@@ -97,7 +97,8 @@ def assert_same_runs(a: Path, b: Path) -> None:
     ["--method", "hdkd", "--validation", "balanced"],
     ["--method", "dbt"],
     ["--method", "dkd-uncertainty"],
-], ids=["hdkd", "hdkd-balanced", "dbt", "dkd-uncertainty"])
+    ["--method", "hdkd", "--label-noise", "0.4", "--label-noise-validation"],
+], ids=["hdkd", "hdkd-balanced", "dbt", "dkd-uncertainty", "hdkd-label-noise"])
 def test_two_epochs_equal_one_plus_resumed_one(args: list[str], tmp_path: Path, one_thread: None) -> None:
     a, b = tmp_path / "A", tmp_path / "B"
     cli_train(*FAST, *args, "--epochs", "2", "--out", a)
@@ -332,6 +333,27 @@ def test_config_rejects_bad_combinations() -> None:
         TrainConfig(teacher="run").validate()
     with pytest.raises(ValueError, match=r"milestones must be .* in \(0, 1\)"):
         TrainConfig(milestones=(0.5, 1.0)).validate()
+    for p in (1.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"^label_noise \(--label-noise\) must be a probability in \[0, 1\)"):
+            TrainConfig(label_noise=p).validate()
+    with pytest.raises(ValueError, match=r"--label-noise-validation.* needs label_noise"):
+        TrainConfig(label_noise_validation=True).validate()
+
+
+def test_label_noise_is_recorded_and_trained_on(tmp_path: Path, one_thread: None) -> None:
+    """Issue 23 item 3: --label-noise is a setting of the run (config.json, the checkpoint); the run trains on
+    noisy training labels, validates on clean ones (unless asked) and tests on clean ones."""
+    run = tmp_path / "noisy"
+    cli_train(*FAST, "--method", "ce", "--epochs", "1", "--label-noise", "0.5", "--out", run)
+    stored = json.loads((run / "config.json").read_text())
+    assert (stored["label_noise"], stored["label_noise_validation"]) == (0.5, False)
+    assert load_checkpoint(run)["config"]["label_noise"] == 0.5
+    config = TrainConfig.from_json(stored)
+    noisy, clean = loop._run_data(config), loop._run_data(dataclasses.replace(config, label_noise=0.0))
+    assert (noisy.train.labels != clean.train.labels).any()
+    assert torch.equal(noisy.val.labels, clean.val.labels) and torch.equal(noisy.test.labels, clean.test.labels)
+    both = loop._run_data(dataclasses.replace(config, label_noise_validation=True))
+    assert torch.equal(both.train.labels, noisy.train.labels) and (both.val.labels != clean.val.labels).any()
 
 
 def test_config_json_round_trip() -> None:

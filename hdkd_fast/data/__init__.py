@@ -11,6 +11,8 @@
     (published MD5s checked);
   - ``"imagefolder"``: ``root/train/<class>/<image>`` (+ ``test``/``val``), decoded with Pillow;
 
+- :func:`with_label_noise`: symmetric label noise on the training (and optionally validation) labels,
+  seeded (:mod:`hdkd_fast.data.noise` gives the definition);
 - :class:`Augment`: random crop with zero padding, horizontal flip and normalization of whole batches
   with torch ops, drawing from a given generator;
 - :class:`EpochLoader`: the batches of one epoch for one (DDP) rank, a pure function of (seed, epoch).
@@ -24,6 +26,7 @@ from .folder import IMAGE_EXTENSIONS, FolderImageDataset
 from .idx import DownloadError
 from .load import DATASETS, IDX_DATASETS, DataBundle, download_dataset, load_dataset
 from .loader import EpochLoader
+from .noise import symmetric_noise, with_label_noise
 
 __all__ = [
     "DATASETS",
@@ -39,4 +42,6 @@ __all__ = [
     "TensorImageDataset",
     "download_dataset",
     "load_dataset",
+    "symmetric_noise",
+    "with_label_noise",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -50,6 +51,17 @@ class ImageDataset(Dataset[tuple[Tensor, int]], ABC):
     def subset(self, indices: Indices) -> ImageDataset:
         """A dataset of the images at ``indices``, in that order."""
         return self._select(self._check_indices(indices))
+
+    def relabeled(self, labels: Tensor) -> ImageDataset:
+        """The same images (shared, not copied) with ``labels`` (an integer ``Tensor[N]``) instead of theirs."""
+        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer Tensor; got {_describe(labels)}")
+        if labels.shape != self.labels.shape:
+            raise ValueError(f"labels must have shape {list(self.labels.shape)} (one per image); got "
+                             f"{list(labels.shape)}")
+        out = copy.copy(self)
+        out.labels = labels.to(device="cpu", dtype=torch.int64)
+        return out
 
     def _check_indices(self, indices: Indices) -> Tensor:
         if not isinstance(indices, Tensor):

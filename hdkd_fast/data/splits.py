@@ -23,6 +23,8 @@ STATS_STREAM = 4
 """Stream id of the image sample that channel statistics are estimated on."""
 TRAIN_SUBSET_STREAM = 5
 """Stream id of the training subset of ``load_dataset(train_size=...)``."""
+NOISE_STREAM = 6
+"""Stream id of the label noise of :mod:`hdkd_fast.data.noise` (one sub-stream per split)."""
 
 _MASK64 = (1 << 64) - 1
 

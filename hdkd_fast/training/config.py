@@ -17,6 +17,7 @@ from ..bilevel.hdkd import VALIDATION_OBJECTIVES
 from ..bilevel.hypergrad import HYPERGRAD_MODES
 from ..bilevel.weights import PARAMETERIZATIONS
 from ..data.load import IDX_DATASETS
+from ..data.noise import check_noise_rate
 from ..evaluation import BUDGET_PROTOCOLS, DEFAULT_BUDGET_PROTOCOL
 from .methods import METHODS, method_class
 
@@ -70,6 +71,11 @@ class TrainConfig:
     limit: int | None = None
     image_size: int | None = None
     train_size: int | None = None
+    label_noise: float = 0.0
+    """Symmetric noise on the training labels: each replaced, with this probability, by one of the other
+    classes (:mod:`hdkd_fast.data.noise`); 0 = clean."""
+    label_noise_validation: bool = False
+    """The validation labels get the same noise rate too (the test labels stay clean)."""
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
@@ -137,6 +143,10 @@ class TrainConfig:
             raise ValueError(f"gamma must be in (0, 1]; got {self.gamma!r}")
         if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must be increasing fractions of the run in (0, 1); got {self.milestones}")
+        check_noise_rate(self.label_noise, "label_noise (--label-noise)")
+        if self.label_noise_validation and self.label_noise == 0:
+            raise ValueError("label_noise_validation (--label-noise-validation) needs label_noise "
+                             "(--label-noise) > 0: it gives the validation labels the same noise")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
         if self.val_size is not None and (not isinstance(self.val_size, numbers.Real) or self.val_size <= 0):

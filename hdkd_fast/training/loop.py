@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .._validation import Logits
 from ..backends import resolve_backend
-from ..data import Augment, DataBundle, EpochLoader, load_dataset
+from ..data import Augment, DataBundle, EpochLoader, load_dataset, with_label_noise
 from ..distill import GradientEquilibrium
 from ..models.base import MultiExitModule
 from ..models.zoo import build_model
@@ -355,15 +355,15 @@ def load_teacher(path: str, num_classes: int, input_shape: tuple[int, ...] | Non
 
 def _run_data(config: TrainConfig) -> DataBundle:
     """The run's data set, with at most ``config.limit`` images per split (the first ones; for smoke tests
-    and demos)."""
+    and demos), then the label noise of ``config.label_noise`` (:mod:`hdkd_fast.data.noise`)."""
     data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed,
                         image_size=config.image_size, train_size=config.train_size)
-    if config.limit is None:
-        return data
-    limit = config.limit
-    cut = {name: getattr(data, name) for name in ("train", "val", "test")}
-    cut = {name: ds.subset(torch.arange(min(limit, len(ds)))) for name, ds in cut.items()}
-    return dataclasses.replace(data, **cut)
+    if config.limit is not None:
+        limit = config.limit
+        cut = {name: getattr(data, name) for name in ("train", "val", "test")}
+        data = dataclasses.replace(data, **{name: ds.subset(torch.arange(min(limit, len(ds))))
+                                            for name, ds in cut.items()})
+    return with_label_noise(data, config.label_noise, config.seed, validation=config.label_noise_validation)
 
 
 def _network(config: TrainConfig, data: DataBundle, device: torch.device) -> tuple[MultiExitModule, nn.Module, bool]:
