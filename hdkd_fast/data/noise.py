@@ -40,10 +40,11 @@ def check_noise_rate(p: object, name: str = "p") -> float:
     """``p`` as a float in [0, 1) (a rate of 1 would leave no label right); errors name ``name``."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a real number in [0, 1); got {type(p).__name__}")
-    if not (math.isfinite(p) and 0 <= p < 1):
+    rate = float(p)
+    if not (math.isfinite(rate) and 0 <= rate < 1):
         raise ValueError(f"{name} must be a probability in [0, 1) (the fraction of labels replaced by another "
                          f"class); got {p}")
-    return float(p)
+    return rate
 
 
 def symmetric_noise(labels: Tensor, num_classes: int, p: float, *seed: int) -> Tensor:
