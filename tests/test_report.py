@@ -196,6 +196,8 @@ def test_read_final_errors(tmp_path: Path) -> None:
     check({**good, "budget": {"cost": [1.0, 2.0], "accuracy": [0.5]}}, "'budget.accuracy' must hold 2 values")
     check({**good, "num_exits": True}, "'num_exits' must be a positive integer")
     check({**good, "method": None}, "'method' must be a string")
+    for epochs in (0, 1.5, None, True):
+        check({**good, "epochs": epochs}, "'epochs' must be a positive integer")
     # issue 22 item 10: every value compare and evaluate --compare read (NaN / Infinity are JSON here)
     nan, inf = float("nan"), float("inf")
     budget = good["budget"]

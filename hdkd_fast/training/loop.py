@@ -92,12 +92,9 @@ def _checked(config: TrainConfig, ctx: dist_utils.Context,
     if resume:
         config, state = _resumed(config)
     config.validate()
-    _check_backend(config.backend, ctx.device)
     if config.out:
         _check_out_dir(Path(config.out))  # before the data is read
-    data = _run_data(config)
-    config = dataclasses.replace(config, dataset=data.name).resolved().validate()
-    _check_split_sizes(config, data, ctx.world_size)
+    config, data = _settings_and_data(config, ctx)
     run_dir = Path(config.out or f"runs/{data.name}-{config.model}-{config.method}")
     _check_out_dir(run_dir)
     if state is None and (run_dir / CHECKPOINT).exists():
@@ -106,14 +103,64 @@ def _checked(config: TrainConfig, ctx: dist_utils.Context,
     return config, state, data, run_dir
 
 
-class _Run:
-    """One training run's objects and its three phases: set-up (``__init__``: model, method, optimizer,
-    schedule, loaders, restored state, run directory), :meth:`train_epoch` + :meth:`end_epoch` (validation
-    accuracy, metrics line, checkpoint) per epoch, and :meth:`finish` (``final.json`` and the plots)."""
+def _settings_and_data(config: TrainConfig, ctx: dist_utils.Context) -> tuple[TrainConfig, DataBundle]:
+    """The checks of a validated ``config`` that need the device and the data: the backend, the split sizes;
+    returns the resolved configuration and the data."""
+    _check_backend(config.backend, ctx.device)
+    data = _run_data(config)
+    config = dataclasses.replace(config, dataset=data.name).resolved().validate()
+    _check_split_sizes(config, data, ctx.world_size)
+    return config, data
 
-    def __init__(self, config: TrainConfig, ctx: dist_utils.Context, data: DataBundle, run_dir: Path,
-                 state: dict[str, Any] | None, log: Callable[[str], None]) -> None:
-        self.config, self.ctx, self.data, self.run_dir, self.log = config, ctx, data, run_dir, log
+
+CALIBRATION_WARMUP = 3
+"""Steps :func:`step_time` trains before it starts the clock (lazy initialisation, kernel selection)."""
+CALIBRATION_STEPS = 20
+"""Steps :func:`step_time` times (rounded up to a multiple of ``update_every``: whole HDKD periods)."""
+
+
+def step_time(config: TrainConfig) -> float:
+    """Seconds per training step of the run ``config`` describes, measured in this process on its own data,
+    model, method, device and threads: :data:`CALIBRATION_WARMUP` steps, then the mean of
+    :data:`CALIBRATION_STEPS` timed ones (the device synchronized before each clock read). A step is what
+    an epoch repeats and a run's ``train_time_s`` counts: a batch's transfer and augmentation and the method's
+    step (HDKD's validation batch and bilevel update included). Nothing is written; ``config.out`` is not
+    used."""
+    ctx = dist_utils.setup(config.device)
+    try:
+        if ctx.distributed:
+            raise ValueError("step_time runs in one process; do not start it with torchrun")
+        config, data = _settings_and_data(config.validate(), ctx)
+        run = _Trainer(config, ctx, data)
+        period = config.update_every
+        timed = -(-CALIBRATION_STEPS // period) * period
+        run.loader.set_epoch(0)
+        run.val_loader.set_epoch(0)
+        next_batch, next_val = cycle(lambda: iter(run.loader)), run.next_val()
+        run.model.train()
+        for _ in range(CALIBRATION_WARMUP):
+            run.train_step(next_batch(), next_val, 0)
+        _synchronize(ctx.device)
+        started = time.perf_counter()
+        for _ in range(timed):
+            run.train_step(next_batch(), next_val, 0)
+        _synchronize(ctx.device)
+        return (time.perf_counter() - started) / timed
+    finally:
+        dist_utils.teardown(ctx)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Trainer:
+    """The objects that train a run (model, method, optimizer, schedule, loaders, augmentation) and its
+    :meth:`train_step`; :func:`step_time` times its steps, :class:`_Run` adds the epochs and the run directory."""
+
+    def __init__(self, config: TrainConfig, ctx: dist_utils.Context, data: DataBundle) -> None:
+        self.config, self.ctx, self.data = config, ctx, data
         device = self.device = ctx.device
         torch.manual_seed(config.seed)
         self.base, self.model, self.channels_last = _network(config, data, device)
@@ -137,7 +184,41 @@ class _Run:
                         num_workers=config.workers)
             for split, offset in ((data.train, 0), (data.val, 1))
         )
-        self.start_epoch, self.step, self.elapsed = 0, 0, 0.0
+        self.step = 0
+
+    def _to_device(self, batch: Batch, aug: Augment) -> Batch:
+        images, y = batch
+        x = aug(images.to(self.device, non_blocking=True), self.generator)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def next_val(self) -> Callable[[], Batch]:
+        """The validation batches of the loader's epoch, on the device, normalized, repeated as needed."""
+        return cycle(lambda: (self._to_device(b, self.normalize) for b in self.val_loader))
+
+    def train_step(self, batch: Batch, next_val: Callable[[], Batch],
+                   epoch: int) -> tuple[float, Logits | None, Tensor]:
+        """One method step on the (CPU, uint8) ``batch`` of ``epoch``; returns its loss, logits and labels."""
+        x, y = self._to_device(batch, self.augment)
+        loss, logits = self.method.step(x, y, next_val)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss} at epoch {epoch + 1}, step "
+                                     f"{self.step + 1}; lower --lr or check the data")
+        self.step += 1
+        return loss, logits, y
+
+
+class _Run(_Trainer):
+    """One training run's three phases: set-up (``__init__``: the :class:`_Trainer`, restored state, run
+    directory), :meth:`train_epoch` + :meth:`end_epoch` (validation accuracy, metrics line, checkpoint) per
+    epoch, and :meth:`finish` (``final.json`` and the plots)."""
+
+    def __init__(self, config: TrainConfig, ctx: dist_utils.Context, data: DataBundle, run_dir: Path,
+                 state: dict[str, Any] | None, log: Callable[[str], None]) -> None:
+        super().__init__(config, ctx, data)
+        self.run_dir, self.log = run_dir, log
+        self.start_epoch, self.elapsed = 0, 0.0
         if state is not None:
             self.start_epoch, self.step, self.elapsed = _restore(state, run_dir, self.model, self.optimizer,
                                                                  self.scheduler, self.method, self.generator, ctx)
@@ -151,31 +232,19 @@ class _Run:
         self.val_out: tuple[list[Tensor], Tensor] | None = None
         """The validation logits of the latest epoch (rank 0), reused by :meth:`finish`."""
 
-    def _to_device(self, batch: Batch, aug: Augment) -> Batch:
-        images, y = batch
-        x = aug(images.to(self.device, non_blocking=True), self.generator)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y.to(self.device, non_blocking=True)
-
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch of method steps and the schedule's step; returns the start of its metrics record."""
         config, ctx = self.config, self.ctx
         started = time.perf_counter()
         self.loader.set_epoch(epoch)
         self.val_loader.set_epoch(epoch)
-        next_val = cycle(lambda: (self._to_device(b, self.normalize) for b in self.val_loader))
+        next_val = self.next_val()
         self.model.train()
         # samples, loss sum, correct per exit; on the device, read by the host only every BAR_EVERY steps
         totals = torch.zeros(2 + self.base.num_exits, dtype=torch.float64, device=self.device)
         with _progress(len(self.loader), f"epoch {epoch + 1}/{config.epochs}", config.progress and ctx.is_main) as bar:
             for i, batch in enumerate(self.loader, start=1):
-                x, y = self._to_device(batch, self.augment)
-                loss, logits = self.method.step(x, y, next_val)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"the training loss became {loss} at epoch {epoch + 1}, step "
-                                             f"{self.step + 1}; lower --lr or check the data")
-                self.step += 1
+                loss, logits, y = self.train_step(batch, next_val, epoch)
                 _add_batch_totals(totals, loss, logits, y)
                 if not bar.disable and (i % BAR_EVERY == 1 or i == len(self.loader)):
                     mean = (totals[1:] / totals[0]).tolist()

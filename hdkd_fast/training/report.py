@@ -36,7 +36,7 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_FILE = "final.json"
 RECORD_KEYS = ("epoch", "val/top1")
 """Keys every ``metrics.jsonl`` record must have."""
-FINAL_KEYS = ("method", "num_exits", "test/top1", "test/top5", "exit_costs", "budget", "train_time_s")
+FINAL_KEYS = ("method", "num_exits", "epochs", "test/top1", "test/top5", "exit_costs", "budget", "train_time_s")
 """Keys ``final.json`` must have."""
 MAX_WEIGHT_PANELS = 5
 """Epochs shown by :func:`plot_weight_matrices`: the first, evenly spaced ones, the last."""
@@ -89,8 +89,8 @@ def read_metrics(run_dir: PathArg) -> list[dict[str, Any]]:
 
 def read_final(run_dir: PathArg) -> dict[str, Any]:
     """The test results of ``run_dir/final.json``, checked for the keys of :data:`FINAL_KEYS` and the value of
-    each: accuracies in [0, 1], one per exit; costs, budget quantiles and the training time finite and >= 0;
-    the budget's ``cost``, ``accuracy`` and ``q`` of one length.
+    each: accuracies in [0, 1], one per exit; the exits and epochs positive integers; costs, budget quantiles
+    and the training time finite and >= 0; the budget's ``cost``, ``accuracy`` and ``q`` of one length.
 
     Raises:
         FileNotFoundError: no ``final.json`` in ``run_dir`` (the run did not finish).
@@ -415,6 +415,9 @@ def _check_final(final: object, where: str) -> int:
     k = final["num_exits"]
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"{where}: 'num_exits' must be a positive integer; got {k!r}")
+    epochs = final["epochs"]
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"{where}: 'epochs' must be a positive integer; got {epochs!r}")
     _accuracies(final["test/top1"], f"{where}: 'test/top1'", k)
     _accuracies(final["test/top5"], f"{where}: 'test/top5'", k)
     _nonnegatives(final["exit_costs"], f"{where}: 'exit_costs'", k)
