@@ -20,7 +20,7 @@ from .bilevel.hypergrad import HYPERGRAD_MODES
 from .bilevel.weights import PARAMETERIZATIONS
 from .data.load import DATASETS, IDX_DATASETS
 from .evaluation import BUDGET_PROTOCOLS
-from .training.compare import MAX_SEEDS, RERUN_FLAG
+from .training.compare import EQUAL_TIME_DIR, MAX_SEEDS, RERUN_FLAG
 from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, NEUTRAL_FIELDS, RESUME_FIELDS, SCHEDULES, TrainConfig
 from .training.methods import method_names
 
@@ -218,11 +218,15 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
                    help="train again, from scratch, the runs in --out whose stored settings differ from these "
                    f"(all but {', '.join(_flag(name) for name in NEUTRAL_FIELDS)}) or whose records are unusable; "
                    "without it such runs are an error")
+    p.add_argument("--equal-time", action="store_true",
+                   help="give every method the training time of the first of --methods (which trains --epochs "
+                   "epochs): each method's seconds per step are measured on a short timed run first and its "
+                   f"epochs scaled to match; runs in --out/{EQUAL_TIME_DIR}")
     p.set_defaults(run=_compare)
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .training.compare import compare_methods, format_comparison
+    from .training.compare import compare_methods, comparison_dir, comparison_title, format_comparison
 
     refused = sorted(_given_options(args.argv, compare=True) & set(COMPARE_REFUSED))
     if refused:
@@ -236,10 +240,10 @@ def _compare(args: argparse.Namespace) -> int:
     if not args.out:
         raise ValueError("--out is required: the comparison's directory (one run per method and seed inside)")
     summaries = compare_methods(_config(args), args.methods, list(range(args.seeds)), args.out,
-                                rerun_changed=args.rerun_changed)
-    print(f"test top-1 accuracy (%) per exit, mean ± std over {args.seeds} seed(s)")
+                                rerun_changed=args.rerun_changed, equal_time=args.equal_time)
+    print(comparison_title(summaries))
     print(format_comparison(summaries))
-    print(f"comparison files: {args.out}")
+    print(f"comparison files: {comparison_dir(args.out, args.equal_time)}")
     return 0
 
 

@@ -151,8 +151,7 @@ def _load(name: str | None, data_dir: str | os.PathLike[str] | None, val_size: i
         root = download_dataset(name, root)
     if root is not None and not root.exists():
         raise FileNotFoundError(f"data_dir {root} does not exist")
-    if name is None:
-        name = "digits" if root is None else _detect(root)
+    name = dataset_name(name, root)
     if name not in (*IDX_DATASETS, "imagefolder") and image_size is not None:
         raise ValueError(f"image_size applies to image folders and the MNIST family; {name} images have a fixed size")
     if name in idx.FORMATS:
@@ -166,6 +165,19 @@ def _load(name: str | None, data_dir: str | os.PathLike[str] | None, val_size: i
     if name == "imagefolder":
         return _image_folder(root, val_size, seed, image_size or DEFAULT_IMAGE_SIZE)
     return _cifar(cifar.FORMATS[name], root, val_size, seed)
+
+
+def dataset_name(name: str | None, data_dir: str | os.PathLike[str] | None) -> str:
+    """The dataset ``load_dataset(name, data_dir)`` loads: ``name``; without it ``"digits"`` when there is no
+    ``data_dir``, else the one detected in ``data_dir`` (see :func:`load_dataset`)."""
+    if name is not None:
+        return name
+    if data_dir is None:
+        return "digits"
+    root = Path(data_dir)
+    if not root.exists():
+        raise FileNotFoundError(f"data_dir {root} does not exist")
+    return _detect(root)
 
 
 def download_dataset(

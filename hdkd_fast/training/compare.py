@@ -25,6 +25,20 @@ then waited for and reused (or resumed, if that process stopped). ``comparison.*
 
 At most :data:`MAX_SEEDS` seeds; every method's settings are validated once (a seed changes only the seed).
 
+Equal training time (``equal_time=True``, ``--equal-time``): the first method is the reference and trains
+``config.epochs`` epochs (the dataset's default when unset); every other method trains as many epochs as
+fit the same training time, :func:`equal_time_epochs` of their seconds per training step. Those are
+measured before anything trains, in this process (:func:`~hdkd_fast.training.loop.step_time`: a short timed
+run of each method on the same data, model, device and threads, seed ``seeds[0]``), and kept in
+``calibration.json`` with the settings they were measured under (every setting but the neutral ones, the
+method, the seed and the epochs), so that an interrupted comparison continues with the same epochs:
+a later call reuses them (with other settings it is an error unless ``rerun_changed``, which measures them
+again), and a method added later is measured together with one already calibrated, whose stored time
+rescales the new measurement. The lr schedule follows each run's epochs: ``milestones`` are fractions of
+the run and the cosine schedule spans it. Such a comparison lives in ``out/equal-time`` (its runs,
+``calibration.json`` and its ``comparison.*``), apart from a plain comparison into the same ``out``, and its
+table adds every method's calibrated step time to the epochs and training time.
+
 Statistics over the n seeds: the mean :math:`\bar a = \frac1n\sum_s a_s` and the sample standard deviation
 :math:`\sqrt{\frac{1}{n-1}\sum_s (a_s-\bar a)^2}` (0 for one seed). A method's budget curve is the mean over
 seeds of the (cost, accuracy) points at each threshold quantile q (every run of a comparison sweeps the
@@ -36,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -44,9 +59,10 @@ from typing import Any, Literal, TypedDict
 from filelock import FileLock, Timeout
 
 from .._validation import check_count
+from ..data.load import dataset_name
 from .checkpoint import CHECKPOINT, load_checkpoint, writing
 from .config import NEUTRAL_FIELDS, TrainConfig
-from .loop import CONFIG, train
+from .loop import CONFIG, step_time, train
 from .methods import method_class
 from .report import FINAL_FILE, flop_unit, format_markdown_rows, format_text_rows, read_final
 
@@ -62,6 +78,13 @@ MAX_SEEDS = 1000
 of the mean shrinks only as 1/√n, so a larger count is a mistake (``--seeds 1000000000000``) stopped
 before it plans runs that never end."""
 RERUN_FLAG = "--rerun-changed"
+EQUAL_TIME_DIR = "equal-time"
+"""The subfolder of the comparison directory that an equal-time comparison lives in."""
+CALIBRATION_JSON = "calibration.json"
+"""The seconds per training step of an equal-time comparison's methods and the settings they were measured
+under, in its directory."""
+CALIBRATION_EXCLUDED = (*NEUTRAL_FIELDS, "method", "seed", "epochs")
+"""The settings a calibration does not depend on (not compared when ``calibration.json`` is reused)."""
 
 Action = Literal["reuse", "resume", "train"]
 
@@ -75,7 +98,9 @@ class MethodSummary(TypedDict):
     exit_costs: list[float]  # mean over seeds (FLOPs per sample to reach each exit)
     budget_cost: list[float]  # mean curve over seeds
     budget_accuracy: list[float]
+    epochs: int  # of every seed's run
     train_time_s: float  # mean over seeds, seconds per run
+    step_time_s: float | None  # the calibrated seconds per training step (equal-time comparisons), else None
     runs: list[str]
 
 
@@ -84,15 +109,23 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
     return out / method / f"seed{seed}"
 
 
-def compare_methods(config: TrainConfig, methods: Sequence[str], seeds: Sequence[int], out: str | Path, *,
-                    rerun_changed: bool = False, log: Callable[[str], None] = print) -> dict[str, MethodSummary]:
-    """Train (or reuse) ``config`` with every method of ``methods`` and every seed of ``seeds`` under ``out``,
-    then write and return the per-method summaries (see the module docstring).
+def comparison_dir(out: str | Path, equal_time: bool = False) -> Path:
+    """The directory of the comparison into ``out``: ``out`` itself, or ``out/equal-time`` for an equal-time one."""
+    return Path(out) / EQUAL_TIME_DIR if equal_time else Path(out)
 
-    ``config.method``, ``config.seed`` and ``config.out`` are replaced per run. The settings of every method
-    and the stored settings of every existing run are checked before the first run trains: a stored run with
-    other settings than ``config`` (or an unusable record) is a ``ValueError`` naming it, unless
-    ``rerun_changed``, which trains it again from scratch.
+
+def compare_methods(config: TrainConfig, methods: Sequence[str], seeds: Sequence[int], out: str | Path, *,
+                    rerun_changed: bool = False, equal_time: bool = False,
+                    step_cost: Callable[[TrainConfig], float] = step_time,
+                    log: Callable[[str], None] = print) -> dict[str, MethodSummary]:
+    """Train (or reuse) ``config`` with every method of ``methods`` and every seed of ``seeds`` in
+    :func:`comparison_dir`, then write and return the per-method summaries (see the module docstring).
+
+    ``config.method``, ``config.seed`` and ``config.out`` are replaced per run (and ``config.epochs`` per method
+    with ``equal_time``, from the seconds per training step ``step_cost(config)`` of each method's ``config``).
+    The settings of every method and the stored settings of every existing run are checked before the first
+    run trains: a stored run (or calibration) with other settings than ``config`` (or an unusable record) is
+    a ``ValueError`` naming it, unless ``rerun_changed``, which trains it (measures it) again from scratch.
     """
     if isinstance(methods, str) or not methods:
         raise ValueError("methods must be a non-empty list of method names")
@@ -106,14 +139,29 @@ def compare_methods(config: TrainConfig, methods: Sequence[str], seeds: Sequence
         check_count(seed, "seed", minimum=0)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be a non-empty list of distinct seeds; got {list(seeds)}")
-    root = Path(out)
+    root = comparison_dir(out, equal_time)
+    epochs: dict[str, int | None] = dict.fromkeys(methods, config.epochs)
+    step_times: dict[str, float | None] = dict.fromkeys(methods)
 
     def request(method: str, seed: int) -> TrainConfig:
-        return dataclasses.replace(config, method=method, seed=seed, out=str(run_dir(root, method, seed)))
+        return dataclasses.replace(config, method=method, seed=seed, out=str(run_dir(root, method, seed)),
+                                   epochs=epochs[method])
 
     for method in methods:
         method_class(method)  # names the bad one
         request(method, seeds[0]).validate()  # the seed alone differs between a method's runs: checked above
+    if equal_time:
+        config = dataclasses.replace(config, dataset=dataset_name(config.dataset, config.data_dir)).resolved()
+        assert config.epochs is not None  # resolved
+        with writing(root, "create the comparison directory"):
+            root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / COMPARISON_LOCK)):  # one compare measures, one at a time reads or extends
+            calibrated = _calibration(root, {m: request(m, seeds[0]) for m in methods}, step_cost, rerun_changed, log)
+        step_times.update(calibrated)
+        epochs.update(equal_time_epochs(config.epochs, calibrated, methods))
+        log("equal training time: " + ", ".join(
+            f"{m} {1000 * calibrated[m]:.3g} ms/step, {epochs[m]} epochs" for m in methods)
+            + f" (the time of {methods[0]}'s {config.epochs} epoch(s))")
     runs = [(method, seed) for method in methods for seed in seeds]
     problems = []
     for method, seed in runs:  # before anything trains
@@ -145,11 +193,83 @@ def compare_methods(config: TrainConfig, methods: Sequence[str], seeds: Sequence
         log(f"{prefix}: waiting for the other compare to release {where / RUN_LOCK}")
         with _run_lock(where, wait=True):
             finals[method, seed] = _run(where, request(method, seed), prefix, rerun_changed, log)
-    summaries = {m: _summary([finals[m, s] for s in seeds], [run_dir(root, m, s) for s in seeds], list(seeds))
-                 for m in methods}
+    summaries = {m: _summary([finals[m, s] for s in seeds], [run_dir(root, m, s) for s in seeds], list(seeds),
+                             step_times[m]) for m in methods}
     with FileLock(str(root / COMPARISON_LOCK)):
         write_comparison(summaries, root)
     return summaries
+
+
+def equal_time_epochs(epochs: int, step_times: Mapping[str, float], methods: Sequence[str]) -> dict[str, int]:
+    """The epochs of every method of an equal-time comparison whose reference, ``methods[0]``, trains
+    ``epochs`` epochs: method m trains ``max(1, floor(epochs · t_ref / t_m + 1/2))`` epochs (the
+    nearest count, halves rounded up, at least one), where ``t`` are the seconds per training step
+    ``step_times``: every epoch has the same steps (the same data and batch size), so that many epochs take
+    the reference's training time."""
+    check_count(epochs, "epochs")
+    reference = step_times[methods[0]]
+    return {m: max(1, math.floor(epochs * reference / step_times[m] + 0.5)) for m in methods}
+
+
+def _calibration(root: Path, requests: Mapping[str, TrainConfig], step_cost: Callable[[TrainConfig], float],
+                 rerun_changed: bool, log: Callable[[str], None]) -> dict[str, float]:
+    """The seconds per training step of every method of ``requests`` (its config for the calibration's seed),
+    from ``root/calibration.json`` where it has them for these settings, else measured by ``step_cost`` and
+    stored (see the module docstring); under the comparison's lock."""
+    path = root / CALIBRATION_JSON
+    settings = _calibration_settings(next(iter(requests.values())))
+    stored: dict[str, float] = {}
+    if path.exists():
+        try:
+            old_settings, stored = _read_calibration(path)
+            differences = {name: (old_settings.get(name), settings.get(name)) for name in {*old_settings, *settings}
+                           if old_settings.get(name) != settings.get(name)}
+            problem = _differ(f"{path} was measured", differences)
+            if problem is not None:
+                raise ValueError(problem)
+        except (ValueError, OSError) as exc:
+            if not rerun_changed:
+                raise ValueError(f"{exc}; pass {RERUN_FLAG} to measure the step times again (runs whose epochs "
+                                 "change are trained again), or choose another --out") from exc
+            log(f"{exc}; measuring the step times again")
+            stored = {}
+    missing = [m for m in requests if m not in stored]
+    if not missing:
+        log(f"step times measured earlier, reusing {path}")
+        return {m: stored[m] for m in requests}
+    anchor = next((m for m in requests if m in stored), next(iter(stored), None))
+    measured = {}
+    for method in ([anchor] if anchor is not None else []) + missing:
+        log(f"measuring the training step time of {method} on a short timed run")
+        measured[method] = step_cost(requests.get(method) or dataclasses.replace(requests[missing[0]], method=method))
+        if not (math.isfinite(measured[method]) and measured[method] > 0):
+            raise ValueError(f"the step time of {method} must be a finite number of seconds > 0; got "
+                             f"{measured[method]!r}")
+    scale = stored[anchor] / measured[anchor] if anchor is not None else 1.0  # into the stored times' units
+    stored.update({m: measured[m] * scale for m in missing})
+    with writing(path):
+        path.write_text(json.dumps({"settings": settings, "step_time_s": stored}, indent=2, allow_nan=False) + "\n")
+    return {m: stored[m] for m in requests}
+
+
+def _calibration_settings(config: TrainConfig) -> dict[str, Any]:
+    return {name: value for name, value in config.to_json().items() if name not in CALIBRATION_EXCLUDED}
+
+
+def _read_calibration(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """The settings and step times of ``calibration.json``, checked; a ``ValueError`` names the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict) \
+            or not isinstance(data.get("step_time_s"), dict):
+        raise ValueError(f"{path}: must be an object with 'settings' and 'step_time_s' objects")
+    times = data["step_time_s"]
+    for method, value in times.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{path}: 'step_time_s.{method}' must be a finite number of seconds > 0; got {value!r}")
+    return data["settings"], {m: float(t) for m, t in times.items()}
 
 
 @contextlib.contextmanager
@@ -265,18 +385,22 @@ def setting_differences(stored: TrainConfig, config: TrainConfig) -> dict[str, t
     return {name: (old[name], new[name]) for name in old if name not in NEUTRAL_FIELDS and old[name] != new[name]}
 
 
-def summarize(runs: Sequence[Path], seeds: list[int]) -> MethodSummary:
+def summarize(runs: Sequence[Path], seeds: list[int], step_time_s: float | None = None) -> MethodSummary:
     """Mean and standard deviation over ``runs`` (one method, one run per seed) of their ``final.json``
-    (each checked by :func:`~hdkd_fast.training.report.read_final`)."""
-    return _summary([read_final(run) for run in runs], runs, seeds)
+    (each checked by :func:`~hdkd_fast.training.report.read_final`); ``step_time_s``: the method's calibrated
+    seconds per training step in an equal-time comparison."""
+    return _summary([read_final(run) for run in runs], runs, seeds, step_time_s)
 
 
-def _summary(finals: Sequence[Mapping[str, Any]], runs: Sequence[Path], seeds: list[int]) -> MethodSummary:
+def _summary(finals: Sequence[Mapping[str, Any]], runs: Sequence[Path], seeds: list[int],
+             step_time_s: float | None) -> MethodSummary:
     """:func:`summarize` of the checked ``final.json`` contents ``finals`` of ``runs``."""
     exits = {len(f["test/top1"]) for f in finals}
     quantiles = {tuple(f["budget"]["q"]) for f in finals}
-    if len(exits) != 1 or len(quantiles) != 1:
-        raise ValueError(f"the runs {[str(r) for r in runs]} differ in their number of exits or budget sweep")
+    epochs = {f["epochs"] for f in finals}
+    if len(exits) != 1 or len(quantiles) != 1 or len(epochs) != 1:
+        raise ValueError(f"the runs {[str(r) for r in runs]} differ in their number of exits, epochs or budget "
+                         "sweep")
 
     def mean(values: Sequence[Sequence[float]]) -> list[float]:
         return [statistics.fmean(column) for column in zip(*values, strict=True)]
@@ -290,14 +414,17 @@ def _summary(finals: Sequence[Mapping[str, Any]], runs: Sequence[Path], seeds: l
         exit_costs=mean([f["exit_costs"] for f in finals]),
         budget_cost=mean([f["budget"]["cost"] for f in finals]),
         budget_accuracy=mean([f["budget"]["accuracy"] for f in finals]),
+        epochs=epochs.pop(),
         train_time_s=statistics.fmean(float(f["train_time_s"]) for f in finals),
+        step_time_s=step_time_s,
         runs=[str(run) for run in runs],
     )
 
 
 def comparison_rows(summaries: Mapping[str, MethodSummary]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the comparison table: per exit (then the mean over exits) ``mean ± std`` of test
-    top-1 in %, and the mean training time per run."""
+    top-1 in %, then the epochs and the mean training time per run (and, in an equal-time comparison, the
+    calibrated time per training step)."""
     if not summaries:
         raise ValueError("summaries is empty")
     k = max(len(s["top1_mean"]) for s in summaries.values())
@@ -310,8 +437,22 @@ def comparison_rows(summaries: Mapping[str, MethodSummary]) -> tuple[list[str], 
     rows = [[f"exit {i + 1}", *(cell(s, i) for s in summaries.values())] for i in range(k)]
     # the std of the exit-mean over seeds is not the mean of the per-exit stds: report the mean only
     rows.append(["mean", *(f"{100 * statistics.fmean(s['top1_mean']):.2f}" for s in summaries.values())])
+    rows.append(["epochs", *(str(s["epochs"]) for s in summaries.values())])
     rows.append(["train time / run", *(f"{s['train_time_s']:.1f} s" for s in summaries.values())])
+    if any(s["step_time_s"] is not None for s in summaries.values()):
+        rows.append(["step time (calibrated)", *("" if s["step_time_s"] is None else f"{1000 * s['step_time_s']:.3g} ms"
+                                                  for s in summaries.values())])
     return ["", *summaries], rows
+
+
+def comparison_title(summaries: Mapping[str, MethodSummary]) -> str:
+    """What the comparison table shows, in a sentence (and, for an equal-time comparison, its reference)."""
+    first, reference = next(iter(summaries.items()))
+    title = f"Test top-1 (%) per exit, mean ± std over seeds {reference['seeds']}"
+    if reference["step_time_s"] is None:
+        return title
+    return (f"{title}; equal training time: every method trains for as long as {first}'s "
+            f"{reference['epochs']} epoch(s) (epochs scaled by the calibrated step times)")
 
 
 def format_comparison(summaries: Mapping[str, MethodSummary]) -> str:
@@ -321,8 +462,7 @@ def format_comparison(summaries: Mapping[str, MethodSummary]) -> str:
 
 def write_comparison(summaries: Mapping[str, MethodSummary], out: Path) -> list[Path]:
     """``comparison.json``, ``comparison.md`` and (with matplotlib) ``compare_budget.png`` in ``out``."""
-    seeds = next(iter(summaries.values()))["seeds"]
-    header = f"Test top-1 (%) per exit, mean ± std over seeds {seeds}\n\n"
+    header = comparison_title(summaries) + "\n\n"
     written = []
     for name, text in ((COMPARISON_JSON, json.dumps(summaries, indent=2, allow_nan=False) + "\n"),
                        (COMPARISON_MD, header + format_markdown_rows(*comparison_rows(summaries)) + "\n")):
