@@ -5,6 +5,7 @@ into one ``--out``, and its one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,10 +25,13 @@ from hdkd_fast.cli import main
 from hdkd_fast.training import compare as compare_module
 from hdkd_fast.training.compare import (
     BUDGET_PLOT,
+    CALIBRATION_JSON,
     COMPARISON_JSON,
     COMPARISON_MD,
+    EQUAL_TIME_DIR,
     MAX_SEEDS,
     compare_methods,
+    equal_time_epochs,
     run_dir,
 )
 from hdkd_fast.training.config import TrainConfig
@@ -280,14 +284,18 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_two_compares_into_one_out_train_each_run_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("equal_time", [False, True], ids=["plain", "equal-time"])
+def test_two_compares_into_one_out_train_each_run_once(equal_time: bool, tmp_path: Path) -> None:
     """Item 12: two processes started together into one --out: one trains ce/seed0, the other waits for its
-    lock and reuses the finished run; the metrics hold epochs [1, 2] once."""
+    lock and reuses the finished run; the metrics hold epochs [1, 2] once. With --equal-time (issue 23 item
+    4) one of them measures the step times, the other waits for the comparison lock and reuses them."""
     out, go = tmp_path / "cmp", tmp_path / "go"
-    argv = ["compare", "--methods", "ce", "--seeds", "1", "--out", str(out), *FAST, "--epochs", "2"]
-    root = str(Path(__file__).resolve().parents[1])
+    argv = ["compare", "--methods", "ce", "--seeds", "1", "--out", str(out), *FAST, "--epochs", "2",
+            *(["--equal-time"] if equal_time else [])]
+    root = out / EQUAL_TIME_DIR if equal_time else out
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+           "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
+                                                     os.environ.get("PYTHONPATH")) if p)}
     procs = [subprocess.Popen([sys.executable, "-c", _TOGETHER, str(go), *argv], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     time.sleep(0.5)
@@ -296,8 +304,141 @@ def test_two_compares_into_one_out_train_each_run_once(tmp_path: Path) -> None:
     for proc, (_, stderr) in zip(procs, done, strict=True):
         assert proc.returncode == 0, stderr
     printed = [stdout for stdout, _ in done]
-    trained = [p for p in printed if f"ce, seed 0: training {run_dir(out, 'ce', 0)}" in p]
+    trained = [p for p in printed if f"ce, seed 0: training {run_dir(root, 'ce', 0)}" in p]
     waited = [p for p in printed if "another compare is training" in p and "finished earlier, reusing" in p]
     assert len(trained) == len(waited) == 1, printed
-    assert [r["epoch"] for r in read_metrics(run_dir(out, "ce", 0))] == [1, 2]
-    assert json.loads((out / COMPARISON_JSON).read_text())["ce"]["seeds"] == [0]
+    assert [r["epoch"] for r in read_metrics(run_dir(root, "ce", 0))] == [1, 2]
+    assert json.loads((root / COMPARISON_JSON).read_text())["ce"]["seeds"] == [0]
+    if equal_time:
+        assert sorted("measuring the training step time of ce" in p for p in printed) == [False, True], printed
+        assert sum("step times measured earlier, reusing" in p for p in printed) == 1, printed
+
+
+# -- issue 23 item 4: --equal-time ------------------------------------------------------------------------
+
+
+def test_equal_time_epochs_round_to_the_nearest_count() -> None:
+    times = {"a": 1.0, "b": 2.0, "c": 10.0, "d": 0.4}
+    assert equal_time_epochs(3, times, ["a", "b", "c", "d"]) == {"a": 3, "b": 2, "c": 1, "d": 8}  # 1.5 -> 2, 0.3 -> 1
+    assert equal_time_epochs(10, times, ["b", "a"]) == {"b": 10, "a": 20}
+
+
+def markdown_rows(table: str) -> dict[str, list[str]]:
+    """The cells of a Markdown table's rows after the first column, by that column."""
+    cells = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table.splitlines()
+             if line.startswith("|")]
+    return {row[0]: row[1:] for row in cells}
+
+
+class Costs:
+    """A fake step_time: each method's seconds per step from a table, every call recorded."""
+
+    def __init__(self, **times: float) -> None:
+        self.times, self.calls = times, []
+
+    def __call__(self, config: TrainConfig) -> float:
+        assert config.dataset == "digits" and config.limit == 64
+        self.calls.append(config.method)
+        return self.times[config.method]
+
+
+EQUAL = TrainConfig(limit=64, epochs=3, batch_size=32, device="cpu", progress=False, backend="torch")
+
+
+def test_equal_time_scales_the_epochs_by_the_step_times(tmp_path: Path) -> None:
+    """The reference (first method) trains --epochs; dkd, twice as slow per step, 3 / 2 = 1.5 -> 2 epochs;
+    dbt, ten times slower, 0.3 -> 1 (at least one). The calibration is kept: a second call measures nothing
+    and reuses every run, and a method added later is measured with one measured before, which rescales it."""
+    out, logs = tmp_path / "cmp", []
+    costs = Costs(ce=0.01, dkd=0.02, dbt=0.1)
+    summaries = compare_methods(EQUAL, ["ce", "dkd", "dbt"], [0, 1], out, equal_time=True, step_cost=costs,
+                                log=logs.append)
+    assert costs.calls == ["ce", "dkd", "dbt"]
+    root = out / EQUAL_TIME_DIR
+    expected = {"ce": 3, "dkd": 2, "dbt": 1}
+    for method, epochs in expected.items():
+        for seed in (0, 1):
+            run = run_dir(root, method, seed)
+            assert json.loads((run / "config.json").read_text())["epochs"] == epochs
+            assert read_final(run)["epochs"] == epochs
+            assert [r["epoch"] for r in read_metrics(run)] == list(range(1, epochs + 1))
+        assert summaries[method]["epochs"] == epochs
+        assert summaries[method]["step_time_s"] == costs.times[method]
+    assert "equal training time: ce 10 ms/step, 3 epochs, dkd 20 ms/step, 2 epochs, dbt 100 ms/step, 1 epochs" \
+        in "\n".join(logs)
+    stored = json.loads((root / CALIBRATION_JSON).read_text())
+    assert stored["step_time_s"] == costs.times and "seed" not in stored["settings"]
+    assert json.loads((root / COMPARISON_JSON).read_text()) == json.loads(json.dumps(summaries))
+    table = (root / COMPARISON_MD).read_text()
+    assert "equal training time: every method trains for as long as ce's 3 epoch(s)" in table
+    rows = markdown_rows(table)
+    assert rows["epochs"] == ["3", "2", "1"] and rows["step time (calibrated)"] == ["10 ms", "20 ms", "100 ms"]
+    assert rows["train time / run"] == [f"{summaries[m]['train_time_s']:.1f} s" for m in expected]
+    assert not (out / COMPARISON_JSON).exists() and not (out / "ce").exists()  # apart from a plain comparison
+
+    logs.clear()
+    again = Costs()  # measures nothing: a call would fail
+    assert compare_methods(EQUAL, ["ce", "dkd", "dbt"], [0, 1], out, equal_time=True, step_cost=again,
+                           log=logs.append) == summaries
+    assert again.calls == [] and "step times measured earlier" in logs[0]
+    assert sum("finished earlier, reusing" in line for line in logs) == 6
+
+    later = Costs(dkd=0.04, ekd=0.12)  # a slower machine: dkd measured again to rescale ekd's time
+    summaries = compare_methods(EQUAL, ["dkd", "ekd"], [2], out, equal_time=True, step_cost=later,
+                                log=lambda _: None)  # dkd the reference: new runs (seed 2)
+    assert later.calls == ["dkd", "ekd"]
+    assert json.loads((root / CALIBRATION_JSON).read_text())["step_time_s"]["ekd"] == pytest.approx(0.06)
+    assert (summaries["dkd"]["epochs"], summaries["ekd"]["epochs"]) == (3, 1)  # 3 * 0.02 / 0.06 = 1.0
+
+    plain = compare_methods(dataclasses.replace(EQUAL, epochs=1), ["ce"], [0], out, log=lambda _: None)
+    assert plain["ce"]["step_time_s"] is None and (out / "ce" / "seed0" / "final.json").exists()
+    assert "step time" not in (out / COMPARISON_MD).read_text()
+
+
+def test_equal_time_refuses_a_calibration_of_other_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A stored calibration is a record like a run's: with other settings, or unusable, it is an error naming
+    it (nothing written) unless --rerun-changed, which measures again and retrains the runs that change."""
+    out = tmp_path / "cmp"
+    root, path = out / EQUAL_TIME_DIR, out / EQUAL_TIME_DIR / CALIBRATION_JSON
+    compare_methods(EQUAL, ["ce", "dkd"], [0], out, equal_time=True, step_cost=Costs(ce=0.01, dkd=0.02),
+                    log=lambda _: None)
+    argv = ["compare", "--methods", "ce", "dkd", "--seeds", "1", "--out", str(out), *FAST, "--epochs", "3",
+            "--equal-time"]
+    before = files(out)
+    expect_error(capsys, [*argv, "--lr", "0.5"], f"{path} was measured with other settings: --lr 0.1 (asked 0.5)",
+                 "pass --rerun-changed to measure the step times again")
+    assert files(out) == before
+    path.write_text("{")
+    expect_error(capsys, argv, f"{path}: not valid JSON", "--rerun-changed")
+    path.write_text(json.dumps({"settings": {}, "step_time_s": {"ce": 0}}))
+    expect_error(capsys, argv, f"{path}: 'step_time_s.ce' must be a finite number of seconds > 0")
+    logs: list[str] = []
+    summaries = compare_methods(dataclasses.replace(EQUAL, lr=0.5), ["ce", "dkd"], [0], out, equal_time=True,
+                                rerun_changed=True, step_cost=Costs(ce=0.01, dkd=0.01), log=logs.append)
+    assert "measuring the step times again" in logs[0]
+    assert (summaries["ce"]["epochs"], summaries["dkd"]["epochs"]) == (3, 3)
+    assert json.loads((run_dir(root, "dkd", 0) / "config.json").read_text())["epochs"] == 3
+    with pytest.raises(ValueError, match="the step time of ce must be a finite number of seconds > 0; got nan"):
+        compare_methods(EQUAL, ["ce"], [0], tmp_path / "other", equal_time=True, step_cost=Costs(ce=math.nan))
+
+
+def test_compare_equal_time_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real calibration (step_time) and tiny runs: each method trains the epochs its measured step time gives."""
+    out = tmp_path / "cmp"
+    root = out / EQUAL_TIME_DIR
+    assert main(["compare", "--methods", "ce", "hdkd", "--seeds", "1", "--out", str(out), *FAST, "--epochs", "2",
+                 "--equal-time"]) == 0
+    printed = capsys.readouterr().out
+    times = json.loads((root / CALIBRATION_JSON).read_text())["step_time_s"]
+    assert set(times) == {"ce", "hdkd"} and all(t > 0 for t in times.values())
+    epochs = equal_time_epochs(2, times, ["ce", "hdkd"])
+    summary = json.loads((root / COMPARISON_JSON).read_text())
+    for method in ("ce", "hdkd"):
+        assert f"measuring the training step time of {method}" in printed
+        assert read_final(run_dir(root, method, 0))["epochs"] == summary[method]["epochs"] == epochs[method]
+        assert summary[method]["step_time_s"] == times[method]
+    lines = {line.split("  ")[0]: line for line in printed.splitlines()}
+    assert lines["epochs"].split()[1:] == [str(epochs["ce"]), str(epochs["hdkd"])]
+    assert "train time / run" in lines and "step time (calibrated)" in lines
+    assert "equal training time: every method trains for as long as ce's 2 epoch(s)" in printed
+    assert f"comparison files: {root}" in printed
