@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -603,6 +604,85 @@ def test_nan_in_a_train_batch_does_not_step(case: str) -> None:
     assert all(p.grad is None for p in model.parameters())
     assert hdkd.step(*batches(83))["step_skipped"] == 0.0  # the next clean batch trains
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_step_without_update_is_the_plain_step_and_skips_non_finite_ones() -> None:
+    """A step without a φ update (issue 23 item 2) takes no validation batch and is exactly the plain
+    weighted step; a non-finite one (a NaN in the batch, or a finite loss with a non-finite gradient) is
+    not taken, the BatchNorm statistics put back from the storage kept between steps."""
+    model, opt, hdkd = make(84, sgd={"momentum": 0.9, "weight_decay": 1e-3}, model_kw={"bn": True}, update_every=3)
+    hdkd.step(*batches(85))  # call 0: the update
+    reference = copy.deepcopy(model)
+    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-3)
+    reference_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    with torch.no_grad():
+        w = hdkd.weights()
+    assert not hdkd.will_update()
+    for s in range(2):  # calls 1 and 2: no validation batch needed
+        x, y, _, _ = batches(86 + s)
+        stats = hdkd.step(x, y)
+        plain_step(reference, reference_opt, w, x, y)
+        assert stats["updated"] == 0.0 and "val_loss" not in stats
+        assert stats["weight/ce/0"] == pytest.approx(float(w.ce[0]), rel=1e-15)
+        for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+    assert hdkd.will_update()
+    with pytest.raises(ValueError, match="x_val"):
+        hdkd.step(*batches(88)[:2])
+    hdkd.step(*batches(88))  # call 3: the update
+    state = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    x, y, _, _ = batches(89)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        stats = hdkd.step(with_nan(x), y)
+    assert stats["step_skipped"] == 1.0 and math.isnan(stats["loss"])
+    hook = model.heads[0].weight.register_hook(lambda g: g * math.inf)  # finite loss, infinite gradient
+    stats = hdkd.step(x, y)
+    hook.remove()
+    assert stats["step_skipped"] == 1.0 and math.isfinite(stats["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), state[0].values(), strict=True))
+    assert str(opt.state_dict()) == str(state[1]) and all(p.grad is None for p in model.parameters())
+    assert hdkd.step(x, y, *batches(89)[2:])["step_skipped"] == 0.0  # call 6: an update again
+    assert bool(torch.isfinite(torch.cat([p.reshape(-1) for p in model.parameters()])).all())
+
+
+def test_weight_stats_follow_every_change_of_the_weights() -> None:
+    """The weights a step uses (and its ``"weight/…"`` stats) are cached between updates; any change of φ
+    (its optimizer, an in-place edit, ``load_state_dict``) is seen by the next step."""
+    _, _, hdkd = make(90, update_every=100)
+    first = hdkd.step(*batches(91))
+    assert hdkd.step(*batches(92))["weight/ce/0"] == first["weight/ce/0"]
+    with torch.no_grad():
+        hdkd.weights.phi[0] += 1.0
+    edited = hdkd.step(*batches(93))
+    assert edited["weight/ce/0"] > first["weight/ce/0"]
+    with torch.no_grad():
+        expected = float(hdkd.weights.vector()[0])
+    assert edited["weight/ce/0"] == expected
+    state = hdkd.state_dict()
+    hdkd.weights.phi.data = torch.zeros_like(hdkd.weights.phi)  # replaced, not edited in place: w = 1
+    assert hdkd.step(*batches(94))["weight/ce/0"] == pytest.approx(1.0, rel=1e-15)
+    hdkd.load_state_dict(state)
+    assert hdkd.step(*batches(95))["weight/ce/0"] == expected
+
+
+def test_hdkd_method_draws_validation_batches_only_for_updates() -> None:
+    """``--method hdkd`` draws a validation batch on the steps that update φ only (issue 23 item 2)."""
+    from hdkd_fast.training import TrainConfig, method_class
+
+    torch.manual_seed(96)
+    model = MLP().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = TrainConfig(method="hdkd", update_every=3, backend=BACKEND)
+    method = method_class("hdkd")(model, opt, config, K, contextlib.nullcontext)
+    drawn = []
+
+    def next_val() -> tuple[Tensor, Tensor]:
+        drawn.append(method.hdkd.calls)
+        return batches(97)[2:]
+
+    for s in range(7):
+        method.step(*batches(98 + s)[:2], next_val)
+    assert drawn == [0, 3, 6]
 
 
 # -- bad input ---------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 
 class TrainMethod:
     """One method: ``step(x, y, next_val)`` trains on a batch and returns ``(loss, logits)``; ``next_val()``
-    draws a validation batch (only methods with :attr:`uses_validation_batches` call it).
+    draws a validation batch (only methods with :attr:`uses_validation_batches` call it, and only on the
+    steps that use one).
 
     Construction builds everything: :meth:`make_criterion` gives the loss module, and the loss's own
     parameters (:meth:`parameters`) join ``optimizer`` as a second parameter group without weight decay
@@ -285,7 +286,10 @@ class HarmonizedDenseDistillation(TrainMethod):
         return DenseKD(self.num_exits, temperature=self.config.temperature, pairs="dense", backend=self.config.backend)
 
     def step(self, x: Tensor, y: Tensor, next_val: Callable[[], Batch]) -> tuple[float, Logits | None]:
-        x_val, y_val = next_val()
+        # A validation batch only for the steps that update the weights (every update_every-th): the others
+        # cost what a dkd step costs. The batches drawn depend on the step count alone (HDKD.calls, saved
+        # in the checkpoint), so a resumed run draws the same ones.
+        x_val, y_val = next_val() if self.hdkd.will_update() else (None, None)
         with self.autocast():
             stats = self.hdkd.step(x, y, x_val, y_val)
         return stats["loss"], self.hdkd.last_logits
