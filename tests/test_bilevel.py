@@ -130,6 +130,39 @@ def test_hypergradients_match_each_other_and_a_hand_written_step(case: str) -> N
     assert rel(results["fd"], results["exact"]) < 2e-3  # one-sided difference: O(ε) truncation
 
 
+def fd_errors(seeds: range, step: float = hypergrad.FD_STEP) -> list[float]:
+    """Relative error of ``"fd"`` against ``"exact"`` in float64 (issue 23 item 5's setting: SGD lr 0.5,
+    momentum 0.9, weight decay 1e-3, three steps first for the momentum buffers), the step ``step``·√eps."""
+    errors = []
+    for seed in seeds:
+        _, _, hdkd = make(seed, sgd={"lr": 0.5, "momentum": 0.9, "weight_decay": 1e-3}, hypergrad="exact")
+        for s in range(3):
+            hdkd.step(*batches(1000 * seed + s))
+        data = batches(1000 * seed + 500)
+        (exact,) = hdkd.hypergradient(*data)
+        hdkd.hypergrad = "fd"
+        previous, hypergrad.FD_STEP = hypergrad.FD_STEP, step
+        try:
+            (fd,) = hdkd.hypergradient(*data)
+        finally:
+            hypergrad.FD_STEP = previous
+        errors.append(rel(fd, exact))
+    return errors
+
+
+def test_fd_step_is_scaled_to_the_dtype() -> None:
+    """float64, 6 seeds: the one-sided difference with the √eps step errs by at most ~6e-8 (measured over 20
+    seeds: median 1.7e-8, max 5.5e-8); a step 1000× larger (truncation) or 1000× smaller (rounding) is
+    worse on every seed, and the old fixed perturbation norm 1e-2 errs by ~1e-3."""
+    seeds = range(6)
+    errors = fd_errors(seeds)
+    assert max(errors) < 3e-7
+    for step in (1e3, 1e-3):
+        assert all(e < worse for e, worse in zip(errors, fd_errors(seeds, step), strict=True)), step
+    old = fd_errors(range(2), 1e-2 / math.sqrt(torch.finfo(torch.float64).eps))
+    assert min(old) > 1e-4
+
+
 @pytest.mark.parametrize("backend", hk.available_backends("cpu"))
 @pytest.mark.parametrize(("pairs", "parameterization", "detach_teacher"),
                          [("last", "softplus", True), ("adjacent", "softmax", False), ("dense", "softplus", False),
@@ -171,10 +204,12 @@ def test_core_matches_exact_with_bn_dropout_and_stacked_output(monkeypatch: pyte
     assert rel(results["jvp"], results["exact"]) < 1e-8
     # Batch statistics (B = 11) curve the objectives strongly: the O(ε) truncation of the one-sided
     # difference is ~4e-2 here (~7e-4 without BatchNorm), and it shrinks with ε:
-    assert rel(results["fd"], results["exact"]) < 6e-2
-    monkeypatch.setattr(hypergrad, "FD_RADIUS", hypergrad.FD_RADIUS / 100)
+    # with the step scaled to float64 (√eps) the truncation is ~1e-8 even here; a step of norm 1e-2 (the
+    # old fixed one) gives ~4e-2:
+    assert rel(results["fd"], results["exact"]) < 1e-6
+    monkeypatch.setattr(hypergrad, "FD_STEP", 1e-2 / math.sqrt(torch.finfo(torch.float64).eps))
     hdkd.hypergrad = "fd"
-    assert rel(hdkd.hypergradient(*data)[0], results["exact"]) < 6e-4
+    assert rel(hdkd.hypergradient(*data)[0], results["exact"]) > 1e-3
 
 
 def test_functional_core_returns_weight_gradient() -> None:
