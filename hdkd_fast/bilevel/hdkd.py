@@ -72,7 +72,7 @@ class HDKD:
        virtual step; ``"auto"``, the default: ``"fd"`` for float32/float64 logits, ``"jvp"`` for
        low-precision ones such as bf16 autocast; the first two cost the same for any number of
        objectives);
-    3. φ update with ``weight_optimizer`` (default ``Adam(lr=1e-2)``) on the hypergradient per unit of
+    3. φ update with ``weight_optimizer`` (default ``Adam(lr=1e-2 × update_every)``) on the hypergradient per unit of
        learning rate, :math:`\eta^{-1}\, \partial L_\mathrm{val}/\partial\varphi` (``per_unit_lr``, below);
 
     and on every call the real step. With ``reuse_inner_gradient`` (the default without DDP) an update
@@ -124,9 +124,11 @@ class HDKD:
         weights: a :class:`HarmonizedWeights` (default: ``"per_exit"`` over the criterion's pairs, on the
             model's device and dtype). K comes from it, else ``criterion.num_exits``, else
             ``model.num_exits``.
-        weight_optimizer: optimizer of ``weights.parameters()`` (default ``Adam(lr=1e-2)``).
+        weight_optimizer: optimizer of ``weights.parameters()`` (default ``Adam(lr=1e-2 × update_every)``:
+            1e-2 per training step, so that φ travels about as far whatever the interval).
         hypergrad: ``"auto"``, ``"fd"``, ``"jvp"`` or ``"exact"``.
-        update_every: update φ on every n-th ``step`` call (the others are plain weighted steps).
+        update_every: update φ on every n-th ``step`` call; the others are plain weighted steps, at the cost
+            of one (they need no validation batch). The training CLI's default is 8 (docs/performance.md).
         validation: ``"ce"`` or ``"balanced"``.
         ema_decay: decay of the running mean of ``"balanced"``, in [0, 1).
         reuse_inner_gradient: reuse the virtual step's gradient for the real step (above); ``None``
@@ -189,8 +191,8 @@ class HDKD:
         if pair_mask(self.criterion.pairs, k, detach_teacher=self.criterion.detach_teacher) != self.weights.mask:
             raise ValueError("weights were built for other pairs than the criterion's (criterion.pairs)")
         params = list(self.weights.parameters())
-        if weight_optimizer is None and params:
-            weight_optimizer = torch.optim.Adam(params, lr=DEFAULT_WEIGHT_LR)
+        if weight_optimizer is None and params:  # the lr is per training step (below: update_every)
+            weight_optimizer = torch.optim.Adam(params, lr=DEFAULT_WEIGHT_LR * update_every)
         self.weight_optimizer: torch.optim.Optimizer | None = weight_optimizer
         self.hypergrad: str = hypergrad
         self.update_every: int = update_every
