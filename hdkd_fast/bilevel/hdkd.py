@@ -128,7 +128,7 @@ class HDKD:
             1e-2 per training step, so that φ travels about as far whatever the interval).
         hypergrad: ``"auto"``, ``"fd"``, ``"jvp"`` or ``"exact"``.
         update_every: update φ on every n-th ``step`` call; the others are plain weighted steps, at the cost
-            of one (they need no validation batch). The training CLI's default is 8 (docs/performance.md).
+            of one (they need no validation batch). The training CLI's default is 16 (docs/performance.md).
         validation: ``"ce"`` or ``"balanced"``.
         ema_decay: decay of the running mean of ``"balanced"``, in [0, 1).
         reuse_inner_gradient: reuse the virtual step's gradient for the real step (above); ``None``
