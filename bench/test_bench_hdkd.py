@@ -12,6 +12,11 @@ dense pairs: ``K + K(K-1)/2`` objectives (32 exits: 528). Implementations, one t
 - ``naive``: the same bilevel step with per-objective gradients from one backward per objective
   (``∂L_val/∂w_o = −η ⟨∇θ' L_val, ∇θ l_o⟩``), the alternative whose cost grows with the objectives.
 
+``test_hdkd_step_without_update`` (issue 23 item 2) times a step of ``HDKD(update_every=...)`` that does not
+update φ (no validation batch passed) against the plain step it should cost: the same model, ``DenseKD``
+with HDKD's current weights as fixed tensors, SGD with momentum 0.9 and weight decay 1e-4, ``float(loss)``
+(the training loop's sync); on the ``K = 4`` MLP and ``msdnet-tiny``, column ``no_update`` (target ≤ 1.05).
+
 ``test_hdkd_step_msdnet`` times the same steps (no ``naive``) on a real early-exit network: ``msdnet-tiny``
 (4 exits, BatchNorm, convolutions) on 1×14×14 images, batch 64, 10 classes, as ``hdkd-fast train`` runs
 it on Fashion-MNIST in the README's comparison (its row is labelled ``msdnet-tiny`` with K = 4).
@@ -42,6 +47,7 @@ from hdkd_fast.models.zoo import build_model
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EXITS = (2, 4, 8, 16, 32)
 IMPLS = ("plain", "fd", "jvp", "exact", "fd_fresh", "jvp_fresh", "naive")
+COLUMNS = (*IMPLS[1:], "no_update")
 LR = 0.05
 BACKEND = "auto"  # what users get; bench/test_bench_dense_kd.py compares the backends themselves
 CLOCK = time.thread_time if DEVICE.type == "cpu" else time.perf_counter
@@ -76,12 +82,13 @@ def _threads_and_report(request: pytest.FixtureRequest) -> Iterator[None]:
     if capture is None or not _RATIOS:
         return
     lines = ["", f"median step / median plain step ({CLOCK.__name__}, interleaved rounds)",
-             "| model | K | objectives | plain ms | " + " | ".join(IMPLS[1:]) + " |",
-             "|---|---:|---:|---:|" + "---:|" * (len(IMPLS) - 1)]
+             "| model | K | objectives | plain ms | " + " | ".join(COLUMNS) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(COLUMNS)]
     for name in sorted(_RATIOS, key=lambda n: (not n.startswith("mlp"), len(n), n)):
         row = _RATIOS[name]
         k = int(row["k"])
-        ratios = [f"{row[i]:.2f}" if i in row else "" for i in IMPLS[1:]]
+        ratios = [f"{row[i]:.3f}" if i == "no_update" and i in row else f"{row[i]:.2f}" if i in row else ""
+                  for i in COLUMNS]
         plain_ms = f"{row['plain_ms']:.2f}" if "plain_ms" in row else ""
         lines.append(f"| {name} | {k} | {k + k * (k - 1) // 2} | {plain_ms} | " + " | ".join(ratios) + " |")
     with capture.global_and_fixture_disabled():
@@ -216,3 +223,64 @@ def test_hdkd_step_msdnet(benchmark: Any, request: pytest.FixtureRequest, impl: 
     _RATIOS["msdnet-tiny"]["k"] = model.num_exits
     _measure(benchmark, "msdnet-tiny", impl, model, hk.DenseKD(model.num_exits, temperature=4.0, backend=BACKEND),
              data, 20 if full else 7, 1)
+
+
+def _inputs(name: str) -> tuple[nn.Module, int, tuple[Tensor, ...]]:
+    torch.manual_seed(0)
+    gen = torch.Generator(device=DEVICE).manual_seed(3000)
+    if name == "msdnet-tiny":
+        model, b, shape, c = build_model("msdnet-tiny", 10, (1, 14, 14)), 64, (1, 14, 14), 10
+    else:
+        model, b, shape, c = MultiExitMLP(4, 128, 32), 128, (128,), 32
+    data = tuple(t for _ in range(2) for t in (torch.randn(b, *shape, generator=gen, device=DEVICE),
+                                              torch.randint(0, c, (b,), generator=gen, device=DEVICE)))
+    return model.to(DEVICE), 4, data  # both have 4 exits
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("name", ["mlp K=4", "msdnet-tiny"])
+def test_hdkd_step_without_update(benchmark: Any, request: pytest.FixtureRequest, name: str) -> None:
+    full = bool(request.config.getoption("--full", default=False))
+    rounds = 60 if full else 25
+    model, k, (x, y, x_val, y_val) = _inputs(name)
+    twin = copy.deepcopy(model)
+    criterion = hk.DenseKD(k, temperature=4.0, backend=BACKEND)
+
+    def sgd(m: nn.Module) -> torch.optim.SGD:
+        return torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
+
+    hdkd = HDKD(model, sgd(model), criterion=criterion, update_every=10**9)
+    hdkd.step(x, y, x_val, y_val)  # the one update step: momentum buffers and the weights from here on
+    with torch.no_grad():
+        weights = hdkd.weights()
+    twin_opt = sgd(twin)
+    twin_opt.load_state_dict(copy.deepcopy(hdkd.optimizer.state_dict()))
+
+    def plain() -> float:
+        twin_opt.zero_grad(set_to_none=True)
+        loss = criterion(twin(x), y, weights=weights)
+        loss.backward()
+        twin_opt.step()
+        return float(loss.detach())
+
+    def no_update() -> float:
+        return hdkd.step(x, y)["loss"]
+
+    times: dict[str, list[float]] = {"no_update": [], "plain": []}
+
+    def run(which: str, fn: Callable[[], float]) -> None:
+        start = CLOCK()
+        fn()
+        _sync()
+        times[which].append(CLOCK() - start)
+
+    for _ in range(2):  # warm-up, both
+        plain()
+        no_update()
+    benchmark.pedantic(lambda: run("no_update", no_update), setup=lambda: run("plain", plain), rounds=rounds,
+                       iterations=1)
+    ratio = statistics.median(times["no_update"]) / statistics.median(times["plain"])
+    benchmark.group = "hdkd_step-no-update"
+    benchmark.extra_info.update(ratio=ratio, clock=CLOCK.__name__, model=name)
+    _RATIOS[name]["k"] = k
+    _RATIOS[name]["no_update"] = ratio

@@ -125,11 +125,13 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("hdkd (harmonized weights)")
     g.add_argument("--hypergrad", choices=HYPERGRAD_MODES, default=d.hypergrad,
                    help="auto: fd (one-sided difference of the logits) for float32 logits, jvp under bf16")
-    g.add_argument("--weight-lr", type=float, default=d.weight_lr, help="Adam lr of the weights φ")
+    g.add_argument("--weight-lr", type=float, default=d.weight_lr,
+                   help="Adam lr of the weights φ per training step: an update every n steps takes n× this lr")
     g.add_argument("--weight-parameterization", choices=PARAMETERIZATIONS, default=d.weight_parameterization,
                    help="per_exit: each exit's CE and KD weights sum to 1; softmax: all weights share one "
                         "fixed sum; gated: CE weights fixed, one gate per KD pair")
-    g.add_argument("--update-every", type=int, default=d.update_every)
+    g.add_argument("--update-every", type=int, default=d.update_every,
+                   help="update φ on every n-th step; the others cost a dkd step")
     g.add_argument("--validation", choices=VALIDATION_OBJECTIVES, default=d.validation)
     g = p.add_argument_group("other methods")
     g.add_argument("--dbt-schedule", choices=DBT_SCHEDULES, default=d.dbt_schedule,

@@ -95,10 +95,11 @@ def assert_same_runs(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("args", [
     ["--method", "hdkd"],
     ["--method", "hdkd", "--validation", "balanced"],
+    ["--method", "hdkd", "--update-every", "2"],  # validation batches drawn on update steps only, across the resume
     ["--method", "dbt"],
     ["--method", "dkd-uncertainty"],
     ["--method", "hdkd", "--label-noise", "0.4", "--label-noise-validation"],
-], ids=["hdkd", "hdkd-balanced", "dbt", "dkd-uncertainty", "hdkd-label-noise"])
+], ids=["hdkd", "hdkd-balanced", "hdkd-every-2", "dbt", "dkd-uncertainty", "hdkd-label-noise"])
 def test_two_epochs_equal_one_plus_resumed_one(args: list[str], tmp_path: Path, one_thread: None) -> None:
     a, b = tmp_path / "A", tmp_path / "B"
     cli_train(*FAST, *args, "--epochs", "2", "--out", a)

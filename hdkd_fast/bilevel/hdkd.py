@@ -44,6 +44,15 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm([t.detach() for t in tensors]))).all())
 
 
+def _loss_and_finite(loss: Tensor, gradients: list[Tensor]) -> tuple[float, bool]:
+    """``float(loss)`` and whether the loss and every gradient are finite, in one host sync (the one a plain
+    step's ``float(loss)`` makes anyway): the gradients' norms in one multi-tensor pass (a norm that
+    overflows its dtype counts as not finite)."""
+    with torch.no_grad():
+        values = torch.stack([*torch._foreach_norm(gradients), loss.detach().reshape(())]).tolist()
+    return values[-1], all(map(math.isfinite, values))
+
+
 def _fork_rng(x: Tensor) -> contextlib.AbstractContextManager[None]:
     """Restore the global RNG state (CPU, and ``x``'s CUDA device) on exit."""
     return torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
@@ -63,7 +72,7 @@ class HDKD:
        virtual step; ``"auto"``, the default: ``"fd"`` for float32/float64 logits, ``"jvp"`` for
        low-precision ones such as bf16 autocast; the first two cost the same for any number of
        objectives);
-    3. φ update with ``weight_optimizer`` (default ``Adam(lr=1e-2)``) on the hypergradient per unit of
+    3. φ update with ``weight_optimizer`` (default ``Adam(lr=1e-2 × update_every)``) on the hypergradient per unit of
        learning rate, :math:`\eta^{-1}\, \partial L_\mathrm{val}/\partial\varphi` (``per_unit_lr``, below);
 
     and on every call the real step. With ``reuse_inner_gradient`` (the default without DDP) an update
@@ -115,9 +124,11 @@ class HDKD:
         weights: a :class:`HarmonizedWeights` (default: ``"per_exit"`` over the criterion's pairs, on the
             model's device and dtype). K comes from it, else ``criterion.num_exits``, else
             ``model.num_exits``.
-        weight_optimizer: optimizer of ``weights.parameters()`` (default ``Adam(lr=1e-2)``).
+        weight_optimizer: optimizer of ``weights.parameters()`` (default ``Adam(lr=1e-2 × update_every)``:
+            1e-2 per training step, so that φ travels about as far whatever the interval).
         hypergrad: ``"auto"``, ``"fd"``, ``"jvp"`` or ``"exact"``.
-        update_every: update φ on every n-th ``step`` call (the others are plain weighted steps).
+        update_every: update φ on every n-th ``step`` call; the others are plain weighted steps, at the cost
+            of one (they need no validation batch). The training CLI's default is 16 (docs/performance.md).
         validation: ``"ce"`` or ``"balanced"``.
         ema_decay: decay of the running mean of ``"balanced"``, in [0, 1).
         reuse_inner_gradient: reuse the virtual step's gradient for the real step (above); ``None``
@@ -180,8 +191,8 @@ class HDKD:
         if pair_mask(self.criterion.pairs, k, detach_teacher=self.criterion.detach_teacher) != self.weights.mask:
             raise ValueError("weights were built for other pairs than the criterion's (criterion.pairs)")
         params = list(self.weights.parameters())
-        if weight_optimizer is None and params:
-            weight_optimizer = torch.optim.Adam(params, lr=DEFAULT_WEIGHT_LR)
+        if weight_optimizer is None and params:  # the lr is per training step (below: update_every)
+            weight_optimizer = torch.optim.Adam(params, lr=DEFAULT_WEIGHT_LR * update_every)
         self.weight_optimizer: torch.optim.Optimizer | None = weight_optimizer
         self.hypergrad: str = hypergrad
         self.update_every: int = update_every
@@ -194,6 +205,10 @@ class HDKD:
         self.skipped_updates: int = 0
         """Weight updates skipped so far because the hypergradient was not finite."""
         self._warned: set[str] = set()
+        self._buffer_dicts: list[dict[str, Tensor | None]] | None = None
+        self._buffer_ids: tuple[int, ...] = ()
+        self._buffer_store: list[Tensor] = []
+        self._weights_cache: tuple[tuple[tuple[int, int, int], ...], LossWeights, dict[str, float]] | None = None
         self.last_logits: Logits | None = None
         """The (detached) logits of the last real step's forward (or of the gradient pass it reused), e.g.
         for training accuracy."""
@@ -264,8 +279,16 @@ class HDKD:
         with _fork_rng(x):
             return self._hypergradient(x, y, x_val, y_val)[1]
 
-    def step(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor) -> dict[str, float]:
+    def will_update(self) -> bool:
+        """Whether the next :meth:`step` updates φ (and so needs its validation batch)."""
+        return self.weight_optimizer is not None and self.calls % self.update_every == 0
+
+    def step(self, x: Tensor, y: Tensor, x_val: Tensor | None = None, y_val: Tensor | None = None
+             ) -> dict[str, float]:
         """One training step (bilevel weight update every ``update_every`` calls, then the real step).
+
+        ``x_val`` and ``y_val`` are needed only when the step updates φ (:meth:`will_update`); a step
+        without an update ignores them, so a caller may fetch a validation batch only for those steps.
 
         Returns floats: ``"loss"`` (the weighted train loss of the real step), ``"updated"`` (1.0 when φ
         was updated), ``"update_skipped"`` (1.0 when a non-finite hypergradient skipped the update),
@@ -273,25 +296,34 @@ class HDKD:
         ``"weight/<objective>"`` (the weights after the update; objectives are named ``ce/k`` and
         ``kd/i-j``). On update steps also ``"val_loss"`` (L_val(θ')), ``"val_ce/k"`` and
         ``"hypergrad_norm"`` (‖∂L_val/∂φ‖, averaged over ranks under DDP).
+
+        A step without an update costs what a plain weighted step costs (docs/performance.md): its
+        forward, backward and optimizer step, one host sync (the loss and the finiteness of the loss and
+        gradients, read together), a copy of the buffers into storage kept between steps (to put the
+        BatchNorm statistics back if the step is skipped), and no weight computation (the weights and
+        their ``"weight/…"`` values are cached until φ changes).
         """
-        update = self.weight_optimizer is not None and self.calls % self.update_every == 0
+        update = self.will_update()
+        if update and (x_val is None or y_val is None):
+            raise ValueError("this step updates the weights (will_update()): it needs x_val and y_val")
         self.calls += 1
-        buffers = [b.detach().clone() for b in self.module.buffers()]  # put back when the real step is skipped
+        saved = self._save_buffers(refresh=update)  # put back when the real step is skipped
         stats: dict[str, float] = {"update_skipped": 0.0}
-        result = self._bilevel_update(x, y, x_val, y_val, stats) if update else None
+        result = None
+        if update:
+            assert x_val is not None and y_val is not None
+            result = self._bilevel_update(x, y, x_val, y_val, stats)
         loss = self._real_step(x, y, result if self.reuse_inner_gradient else None)
-        stats["loss"] = float(loss.detach())
-        gradients = [p.grad for p in self.module.parameters() if p.grad is not None]
-        stats["step_skipped"] = float(not (math.isfinite(stats["loss"]) and _all_finite(gradients)))
-        if stats["step_skipped"]:
-            self._skip_real_step(buffers)
-        else:
+        stats["loss"], finite = _loss_and_finite(loss, self._gradients())
+        stats["step_skipped"] = float(not finite)
+        if finite:
             self.optimizer.step()
+        else:
+            self._skip_real_step(saved)
 
         stats["updated"] = float(update and not stats["update_skipped"])
         stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        names = self.weights.objective_names()
-        stats.update({f"weight/{n}": v for n, v in zip(names, self.weights.vector().tolist(), strict=True)})
+        stats.update(self._current_weights()[1])
         return stats
 
     def _bilevel_update(self, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor,
@@ -328,8 +360,7 @@ class HDKD:
                 named[name].grad = grad
             self.last_logits = reused.train_logits
             return reused.train_loss
-        with torch.no_grad():
-            w = self.weights()
+        w = self._current_weights()[0]
         logits = model_logits(self.model(x), self.weights.num_exits)
         loss = self.criterion(logits, y, weights=w)
         loss.backward()
@@ -351,12 +382,48 @@ class HDKD:
         for p in params:
             p.grad = None
 
-    def _skip_real_step(self, buffers: list[Tensor]) -> None:
+    def _gradients(self) -> list[Tensor]:
+        """The ``.grad`` of every parameter the optimizer steps (its flat lists: no module traversal)."""
+        return [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    def _save_buffers(self, *, refresh: bool) -> list[tuple[Tensor, Tensor]]:
+        """Copy the module's buffers into storage kept between steps; returns ``(buffer, copy)`` pairs.
+
+        Walking the module tree costs more than the copy on a network with many BatchNorm layers (about
+        0.25 ms on ``msdnet-tiny``), so the buffer dictionaries of its submodules are collected at the
+        first call and again on every ``refresh`` (update steps): a buffer replaced in a dictionary (e.g.
+        by ``model.to()``) is seen at once, a submodule added in between from the next update step.
+        """
+        if refresh or self._buffer_dicts is None:
+            self._buffer_dicts = [m._buffers for m in self.module.modules() if m._buffers]
+        buffers = [b for d in self._buffer_dicts for b in d.values() if b is not None]
+        ids = tuple(map(id, buffers))
+        if ids != self._buffer_ids:
+            self._buffer_ids, self._buffer_store = ids, [torch.empty_like(b) for b in buffers]
+        if buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self._buffer_store, [b.detach() for b in buffers])
+        return list(zip(buffers, self._buffer_store, strict=True))
+
+    def _current_weights(self) -> tuple[LossWeights, dict[str, float]]:
+        """The weights (no graph) and their ``"weight/<objective>"`` stats, recomputed only when a tensor
+        of :attr:`weights` was changed in place (its version counter), replaced, or moved."""
+        key = tuple((id(t), t._version, t.data_ptr()) for t in (*self.weights.parameters(), *self.weights.buffers()))
+        if self._weights_cache is None or self._weights_cache[0] != key:
+            with torch.no_grad():
+                vector = self.weights.vector()
+                w = self.weights.unflatten(vector)
+            names = self.weights.objective_names()
+            stats = {f"weight/{n}": v for n, v in zip(names, vector.tolist(), strict=True)}
+            self._weights_cache = (key, w, stats)
+        return self._weights_cache[1], self._weights_cache[2]
+
+    def _skip_real_step(self, saved: list[tuple[Tensor, Tensor]]) -> None:
         """Drop the gradients of a non-finite real step and put the buffers (BatchNorm statistics) back."""
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for buffer, saved in zip(self.module.buffers(), buffers, strict=True):
-                buffer.copy_(saved)
+            for buffer, copy in saved:
+                buffer.copy_(copy)
         self._warn_once("step", "HDKD: a non-finite training loss or gradient; the model's step was skipped")
 
     def _warn_once(self, kind: str, message: str) -> None:

@@ -86,7 +86,7 @@ class TrainConfig:
     hypergrad: str = "auto"
     weight_lr: float = 1e-2
     weight_parameterization: str = "per_exit"
-    update_every: int = 1
+    update_every: int = 16  # bench/RESULTS.md (issue 23 item 2): 1.1× a ce run, the accuracy of every step
     validation: str = "ce"
     # dbt
     dbt_schedule: str = "adaptive"
