@@ -278,7 +278,7 @@ class HarmonizedDenseDistillation(TrainMethod):
             self.model, self.optimizer, criterion=self.criterion, weights=weights,
             weight_optimizer=torch.optim.Adam(weights.parameters(), lr=self.config.weight_lr),
             hypergrad=self.config.hypergrad, update_every=self.config.update_every,
-            validation=self.config.validation,
+            validation=self.config.validation, step_length=self.config.step_length,
         )
 
     def make_criterion(self) -> nn.Module:
