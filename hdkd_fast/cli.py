@@ -16,7 +16,7 @@ from pathlib import Path
 from ._ext_loader import ExtensionBuildError
 from .backends import backend_choices
 from .bilevel.hdkd import VALIDATION_OBJECTIVES
-from .bilevel.hypergrad import HYPERGRAD_MODES
+from .bilevel.hypergrad import HYPERGRAD_MODES, STEP_LENGTHS
 from .bilevel.weights import PARAMETERIZATIONS
 from .data.load import DATASETS, IDX_DATASETS
 from .evaluation import BUDGET_PROTOCOLS
@@ -130,6 +130,8 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-parameterization", choices=PARAMETERIZATIONS, default=d.weight_parameterization,
                    help="per_exit: each exit's CE and KD weights sum to 1; softmax: all weights share one "
                         "fixed sum; gated: CE weights fixed, one gate per KD pair")
+    g.add_argument("--step-length", choices=STEP_LENGTHS, default=d.step_length,
+                   help="fixed: the look-ahead step keeps its length, so the weights only choose its direction")
     g.add_argument("--update-every", type=int, default=d.update_every,
                    help="update φ on every n-th step; the others cost a dkd step")
     g.add_argument("--validation", choices=VALIDATION_OBJECTIVES, default=d.validation)

@@ -76,9 +76,11 @@ def rel(a: Tensor, b: Tensor) -> float:
 
 # -- the independent reference: autograd through a hand-written SGD step --------------------------------
 
-def hand_hypergradient(model: MLP, opt: torch.optim.SGD, phi: Tensor, data: tuple[Tensor, ...]) -> Tensor:
+def hand_hypergradient(model: MLP, opt: torch.optim.SGD, phi: Tensor, data: tuple[Tensor, ...],
+                       fixed_length: bool = False) -> Tensor:
     """∂/∂φ Σ_k ce_k(θ'; x_v, y_v), θ' = one SGD step (momentum, dampening, nesterov, weight decay) on
-    Σ_o w_o l_o(θ; x, y), w = n·softmax(φ), objectives from tests/float64_reference (no hdkd_fast)."""
+    Σ_o w_o l_o(θ; x, y), w = n·softmax(φ), objectives from tests/float64_reference (no hdkd_fast).
+    ``fixed_length``: the loss gradient g enters the step as g·‖g‖/‖g‖ with the numerator a constant."""
     x, y, x_val, y_val = data
     mask = ref.masks(K)["dense"]
     pairs = [(i, j) for i in range(K) for j in range(K) if mask[i][j]]
@@ -90,6 +92,9 @@ def hand_hypergradient(model: MLP, opt: torch.optim.SGD, phi: Tensor, data: tupl
     z = torch.stack(functional_call(model, params, (x,)))
     loss = ref.weighted(z, y, w[:K], w_kd, temperature=T, mask=mask)
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    if fixed_length:
+        norm = torch.cat([g.reshape(-1) for g in grads]).norm()
+        grads = tuple(g * (norm.detach() / norm) for g in grads)
     group = opt.param_groups[0]
     lr, mu, tau, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
     stepped = {}
@@ -161,6 +166,35 @@ def test_fd_step_is_scaled_to_the_dtype() -> None:
         assert all(e < worse for e, worse in zip(errors, fd_errors(seeds, step), strict=True)), step
     old = fd_errors(range(2), 1e-2 / math.sqrt(torch.finfo(torch.float64).eps))
     assert min(old) > 1e-4
+
+
+@pytest.mark.parametrize("case", list(SGD_CASES))
+def test_fixed_step_length_hypergradient_matches_a_hand_written_step(case: str) -> None:
+    """step_length="fixed": every mode equals autograd through a hand-written step whose gradient keeps its
+    length (g·‖g₀‖/‖g‖); the hypergradient in w is orthogonal to w (a uniform rescaling earns nothing), and
+    it differs from the free step's."""
+    sgd, warmup = SGD_CASES[case]
+    model, opt, hdkd = make(1, sgd=sgd, hypergrad="exact", step_length="fixed")
+    for s in range(warmup):
+        hdkd.step(*batches(100 + s))
+    data = batches(2)
+    results = {}
+    for mode in ("exact", "jvp", "fd"):
+        hdkd.hypergrad = mode
+        (results[mode],) = hdkd.hypergradient(*data)
+    hand = hand_hypergradient(model, opt, hdkd.weights.phi, data, fixed_length=True)
+    assert rel(results["exact"], hand) < 1e-8
+    assert rel(results["jvp"], results["exact"]) < 1e-8
+    assert rel(results["fd"], results["exact"]) < 1e-6  # two one-sided differences with the √eps step
+    assert rel(hand_hypergradient(model, opt, hdkd.weights.phi, data), hand) > 1e-2  # not the free step's
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        w = hdkd.weights()
+    for mode, tol in (("exact", 1e-10), ("jvp", 1e-10), ("fd", 1e-6)):
+        d = weight_hypergradient(hdkd._forward, named, inner_rules(opt, named), w, hdkd._spec(),
+                                 hdkd._val_objective, *data, mode=mode, step_length="fixed").weights
+        scale = float(d.ce.abs().sum() + d.kd.abs().sum()) * float(w.ce.abs().max())
+        assert abs(float((w.ce * d.ce).sum() + (w.kd * d.kd).sum())) < tol * scale
 
 
 @pytest.mark.parametrize("backend", hk.available_backends("cpu"))

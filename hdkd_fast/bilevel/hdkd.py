@@ -23,7 +23,14 @@ from .._pairs import pair_mask
 from .._types import LossWeights
 from .._validation import Logits, check_logits
 from ..modules import DenseKD
-from .hypergrad import HYPERGRAD_MODES, Hypergradient, ObjectiveSpec, inner_rules, weight_hypergradient
+from .hypergrad import (
+    HYPERGRAD_MODES,
+    STEP_LENGTHS,
+    Hypergradient,
+    ObjectiveSpec,
+    inner_rules,
+    weight_hypergradient,
+)
 from .weights import HarmonizedWeights
 
 VALIDATION_OBJECTIVES = ("ce", "balanced")
@@ -134,6 +141,9 @@ class HDKD:
         reuse_inner_gradient: reuse the virtual step's gradient for the real step (above); ``None``
             (default): ``True`` unless ``model`` is DDP-wrapped, where ``True`` is an error.
         per_unit_lr: step φ on the hypergradient divided by the model's current lr η (above).
+        step_length: ``"free"`` (the plain look-ahead) or ``"fixed"``: the look-ahead's virtual step keeps
+            its length whatever w, so the hypergradient only chooses the step's direction
+            (:func:`~hdkd_fast.bilevel.hypergrad.weight_hypergradient`; one more forward per update).
     """
 
     def __init__(
@@ -150,6 +160,7 @@ class HDKD:
         ema_decay: float = 0.9,
         reuse_inner_gradient: bool | None = None,
         per_unit_lr: bool = True,
+        step_length: str = "free",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
@@ -166,6 +177,8 @@ class HDKD:
             raise ValueError(f"hypergrad must be one of {HYPERGRAD_MODES}; got {hypergrad!r}")
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be an int >= 1; got {update_every!r}")
+        if step_length not in STEP_LENGTHS:
+            raise ValueError(f"step_length must be one of {STEP_LENGTHS}; got {step_length!r}")
         if validation not in VALIDATION_OBJECTIVES:
             raise ValueError(f"validation must be one of {VALIDATION_OBJECTIVES}; got {validation!r}")
         if isinstance(ema_decay, bool) or not isinstance(ema_decay, numbers.Real) or not 0 <= ema_decay < 1:
@@ -200,6 +213,7 @@ class HDKD:
         self.ema_decay: float = float(ema_decay)
         self.reuse_inner_gradient: bool = reuse_inner_gradient
         self.per_unit_lr: bool = per_unit_lr
+        self.step_length: str = step_length
         self.val_ema: Tensor | None = None
         self.calls: int = 0
         self.skipped_updates: int = 0
@@ -257,7 +271,7 @@ class HDKD:
         result = weight_hypergradient(
             self._forward, named, inner_rules(self.optimizer, named), LossWeights(out.ce.detach(), out.kd.detach()),
             self._spec(), self._val_objective, x, y, x_val, y_val, mode=self.hypergrad,
-            train_forward=self._real_forward if real_forward else None,
+            train_forward=self._real_forward if real_forward else None, step_length=self.step_length,
         )
         with torch.enable_grad():
             grads = torch.autograd.grad(

@@ -51,6 +51,9 @@ from .._validation import Logits, accumulation_dtype, check_logits, check_target
 from ..functional import dense_kd, dense_kd_losses
 
 HYPERGRAD_MODES = ("auto", "jvp", "fd", "exact")
+STEP_LENGTHS = ("free", "fixed")
+"""How the look-ahead's virtual step may change with w: its length too (``"free"``, the plain one-step
+look-ahead), or only its direction (``"fixed"``; :func:`weight_hypergradient`)."""
 FD_STEP = 1.0
 r"""Norm of the finite-difference perturbation in units of :math:`\sqrt{\text{eps}}`, eps the machine epsilon
 of the coarser of the logits' and the parameters' dtypes: :math:`\varepsilon\lVert u\rVert =`
@@ -248,6 +251,7 @@ def weight_hypergradient(
     *,
     mode: str = "auto",
     train_forward: Forward | None = None,
+    step_length: str = "free",
 ) -> Hypergradient:
     r""":math:`\partial L_\mathrm{val}(\theta'(w)) / \partial w` of one virtual step (module docstring).
 
@@ -265,6 +269,19 @@ def weight_hypergradient(
        - ``"exact"``: reverse mode through steps 1-3 (``create_graph=True``): the reference;
        - ``"auto"``: ``"fd"`` when the gradient pass's logits are float32 or float64, else ``"jvp"``.
 
+    ``step_length="fixed"`` differentiates the virtual step with its length held: the w-dependent part of
+    the displacement is :math:`D g(w)\,\lVert g(w_0)\rVert / \lVert g(w)\rVert` (``D`` the per-tensor
+    tangent scales, :math:`w_0` the current weights), so that
+
+    .. math::
+        \frac{\partial L_\mathrm{val}}{\partial w_o} = \langle \nabla l_o, u\rangle
+        - \frac{\langle g, u\rangle}{\lVert g\rVert^2} \langle \nabla l_o, g\rangle ,
+
+    the plain hypergradient less its step-length component: :math:`\sum_o w_o\, \partial L_\mathrm{val}/
+    \partial w_o = 0`, so a uniform rescaling of the weights (a larger step, which a one-step look-ahead
+    always rewards while the step is below its best length) earns nothing, and only the direction of the
+    step is chosen. It costs one more directional derivative (``"fd"``: one more forward) along ``g``.
+
     Only the tensors of ``params`` that have a rule are differentiated and stepped; a leaf that requires
     grad (e.g. a module's own parameter) is differentiated as it is, anything else through a detached
     copy. ``train_forward`` (default ``forward``) runs the gradient pass, e.g. the module itself with its
@@ -276,6 +293,8 @@ def weight_hypergradient(
     """
     if mode not in HYPERGRAD_MODES:
         raise ValueError(f"hypergrad must be one of {HYPERGRAD_MODES}; got {mode!r}")
+    if step_length not in STEP_LENGTHS:
+        raise ValueError(f"step_length must be one of {STEP_LENGTHS}; got {step_length!r}")
     exact = mode == "exact"
     with torch.enable_grad():
         replay = _RngReplay(x.device)
@@ -294,7 +313,7 @@ def weight_hypergradient(
         try:
             d_ce, d_kd, val_ce, val_loss = _hypergradient_from_step(
                 forward, theta, dict(zip(names, grads, strict=True)), rules, w, spec, val_objective,
-                x, y, x_val, y_val, base, replay, mode)
+                x, y, x_val, y_val, base, replay, mode, step_length == "fixed")
         finally:
             after_train()
     train_grads: dict[str, Tensor | None] = {
@@ -306,11 +325,15 @@ def weight_hypergradient(
 def _hypergradient_from_step(forward: Forward, theta: dict[str, Tensor], grads: dict[str, Tensor | None],
                              rules: Mapping[str, InnerRule], w: LossWeights, spec: ObjectiveSpec,
                              val_objective: ValObjective, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor,
-                             base: Logits, replay: _RngReplay, mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                             base: Logits, replay: _RngReplay, mode: str, fixed_length: bool
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Steps 2-4 of :func:`weight_hypergradient`: ``(∂L_val/∂w_ce, ∂L_val/∂w_kd, val_ce, L_val)``."""
     exact = mode == "exact"
     names = list(theta)
     if exact:
+        if fixed_length:  # g ‖g₀‖ / ‖g‖: the same value, differentiated with its length held
+            norm = _norm([g for g in grads.values() if g is not None])
+            grads = {n: None if g is None else g * (norm.detach() / norm) for n, g in grads.items()}
         stepped = virtual_step(theta, grads, rules)
     else:
         with torch.no_grad():
@@ -327,7 +350,21 @@ def _hypergradient_from_step(forward: Forward, theta: dict[str, Tensor], grads: 
         tangent = dict(zip(names, torch._foreach_mul(list(v), [rules[n].tangent_scale() for n in names]),
                            strict=True))
         d_ce, d_kd = _directional_derivative(forward, spec, primal, tangent, base, x, y, replay, mode)
+        if fixed_length:  # less the step-length component (weight_hypergradient's docstring)
+            g = {n: torch.zeros_like(primal[n]) if (t := grads[n]) is None else t.detach() for n in names}
+            g_sq = float(_norm(list(g.values())).double() ** 2)
+            if g_sq > 0 and math.isfinite(g_sq):
+                along_g = _directional_derivative(forward, spec, primal, g, base, x, y, replay, mode)
+                g_dot_u = sum(float((g[n].double() * tangent[n].double()).sum()) for n in names)
+                d_ce, d_kd = (d - (g_dot_u / g_sq) * e for d, e in zip((d_ce, d_kd), along_g, strict=True))
     return d_ce, d_kd, val_ce, val_loss
+
+
+def _norm(tensors: list[Tensor]) -> Tensor:
+    """The Euclidean norm of all ``tensors`` together (0-dim; differentiable)."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
 
 def _directional_derivative(forward: Forward, spec: ObjectiveSpec, primal: dict[str, Tensor],

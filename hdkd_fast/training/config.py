@@ -14,7 +14,7 @@ from typing import Any
 from .._validation import check_choice, check_count, check_nonnegative, check_positive
 from ..backends import backend_choices
 from ..bilevel.hdkd import VALIDATION_OBJECTIVES
-from ..bilevel.hypergrad import HYPERGRAD_MODES
+from ..bilevel.hypergrad import HYPERGRAD_MODES, STEP_LENGTHS
 from ..bilevel.weights import PARAMETERIZATIONS
 from ..data.load import IDX_DATASETS
 from ..data.noise import check_noise_rate
@@ -86,6 +86,7 @@ class TrainConfig:
     hypergrad: str = "auto"
     weight_lr: float = 1e-2
     weight_parameterization: str = "per_exit"
+    step_length: str = "free"
     update_every: int = 16  # bench/RESULTS.md (issue 23 item 2): 1.1× a ce run, the accuracy of every step
     validation: str = "ce"
     # dbt
@@ -124,6 +125,7 @@ class TrainConfig:
         check_choice(self.device, "device", DEVICES)
         check_choice(self.hypergrad, "hypergrad", HYPERGRAD_MODES)
         check_choice(self.weight_parameterization, "weight_parameterization", PARAMETERIZATIONS)
+        check_choice(self.step_length, "step_length", STEP_LENGTHS)
         check_choice(self.validation, "validation", VALIDATION_OBJECTIVES)
         check_choice(self.dbt_schedule, "dbt_schedule", DBT_SCHEDULES)
         check_choice(self.budget_protocol, "budget_protocol", tuple(BUDGET_PROTOCOLS))

@@ -285,7 +285,7 @@ class HarmonizedDenseDistillation(TrainMethod):
             weight_optimizer=torch.optim.Adam(weights.parameters(),
                                               lr=self.config.weight_lr * self.config.update_every),
             hypergrad=self.config.hypergrad, update_every=self.config.update_every,
-            validation=self.config.validation,
+            validation=self.config.validation, step_length=self.config.step_length,
         )
 
     def make_criterion(self) -> nn.Module:
