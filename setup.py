@@ -42,9 +42,8 @@ CSRC_GLOBS = [f"*{suffix}" for suffix in SPEC.SOURCE_SUFFIXES]
 
 
 def _extensions() -> tuple[list[Any], dict[str, Any]]:
-    if SPEC.env_flag("HDKD_FAST_NO_EXT") and SPEC.env_flag("HDKD_FAST_REQUIRE_EXT"):
-        raise RuntimeError("hdkd_fast: HDKD_FAST_NO_EXT=1 (no extension) and HDKD_FAST_REQUIRE_EXT=1 (the extension "
-                           "is required) contradict each other: unset one")
+    if (conflict := SPEC.env_flag_conflict()) is not None:
+        raise RuntimeError(f"hdkd_fast: {conflict}")
     if SPEC.env_flag("HDKD_FAST_NO_EXT"):
         print("hdkd_fast: HDKD_FAST_NO_EXT is set: no compiled extension", file=sys.stderr)
         return [], {}

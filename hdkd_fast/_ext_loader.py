@@ -533,13 +533,6 @@ def _from_root(root: Path, key: str, csrc: Path, build: bool, force: bool) -> Ex
         lock.release()
 
 
-def _flag_conflict() -> str | None:
-    if spec.env_flag("HDKD_FAST_NO_EXT") and spec.env_flag("HDKD_FAST_REQUIRE_EXT"):
-        return ("HDKD_FAST_NO_EXT=1 (no extension) and HDKD_FAST_REQUIRE_EXT=1 (the extension is required) "
-                "contradict each other: unset one")
-    return None
-
-
 def extension(build: bool = True, search_cache: bool = True) -> Extension:
     """This process's extension (see the module docstring). ``build=False`` never compiles;
     ``search_cache=False`` only imports an ahead-of-time build (no CUDA query, no file hashing: cheap
@@ -549,7 +542,7 @@ def extension(build: bool = True, search_cache: bool = True) -> Extension:
     global _state
     if _state is not None:
         return _state
-    conflict = _flag_conflict()
+    conflict = spec.env_flag_conflict()
     if conflict is not None:
         if not search_cache:
             return Extension(None, NOT_BUILT, conflict, final=False)

@@ -77,6 +77,15 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def env_flag_conflict() -> str | None:
+    """Why ``HDKD_FAST_NO_EXT`` and ``HDKD_FAST_REQUIRE_EXT`` cannot both be set, when they are (the loader
+    and ``setup.py`` refuse the pair with this message); ``None`` otherwise."""
+    if env_flag("HDKD_FAST_NO_EXT") and env_flag("HDKD_FAST_REQUIRE_EXT"):
+        return ("HDKD_FAST_NO_EXT=1 (no extension) and HDKD_FAST_REQUIRE_EXT=1 (the extension is required) "
+                "contradict each other: unset one")
+    return None
+
+
 def x86_unix() -> bool:
     """x86-64 with a GCC/Clang-style compiler: the instruction-set variants are built there."""
     return sys.platform != "win32" and platform.machine().lower() in ("x86_64", "amd64", "x64")
