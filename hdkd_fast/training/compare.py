@@ -64,7 +64,7 @@ from .checkpoint import CHECKPOINT, load_checkpoint, writing
 from .config import NEUTRAL_FIELDS, TrainConfig
 from .loop import CONFIG, step_time, train
 from .methods import method_class
-from .report import FINAL_FILE, flop_unit, format_markdown_rows, format_text_rows, read_final
+from .report import FINAL_FILE, flop_unit, format_markdown_rows, format_text_rows, read_final, read_json
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
@@ -258,10 +258,7 @@ def _calibration_settings(config: TrainConfig) -> dict[str, Any]:
 
 def _read_calibration(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
     """The settings and step times of ``calibration.json``, checked; a ``ValueError`` names the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("settings"), dict) \
             or not isinstance(data.get("step_time_s"), dict):
         raise ValueError(f"{path}: must be an object with 'settings' and 'step_time_s' objects")
@@ -358,14 +355,13 @@ def read_config(run: Path) -> TrainConfig:
     """The settings stored in ``run/config.json``, checked; a ``ValueError`` names the file."""
     path = run / CONFIG
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    try:
         if not isinstance(data, dict):
             raise ValueError(f"settings must be a JSON object; got {type(data).__name__}")
         return TrainConfig.from_json(data).validate()
-    except FileNotFoundError:
-        raise ValueError(f"{path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path}: {exc}") from exc
 

@@ -98,12 +98,18 @@ def read_final(run_dir: PathArg) -> dict[str, Any]:
             names the file and the field).
     """
     path = _run_file(run_dir, FINAL_FILE)
-    try:
-        final = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
+    final = read_json(path)
     _check_final(final, str(path))
     return final
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value stored in ``path``; invalid JSON is a ``ValueError`` naming the file and the line (a
+    missing file an ``OSError``)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
 
 
 # --- plots of one run ---------------------------------------------------------------------------------------
