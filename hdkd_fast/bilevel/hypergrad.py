@@ -352,10 +352,11 @@ def _hypergradient_from_step(forward: Forward, theta: dict[str, Tensor], grads: 
         d_ce, d_kd = _directional_derivative(forward, spec, primal, tangent, base, x, y, replay, mode)
         if fixed_length:  # less the step-length component (weight_hypergradient's docstring)
             g = {n: torch.zeros_like(primal[n]) if (t := grads[n]) is None else t.detach() for n in names}
-            g_sq = float(_norm(list(g.values())).double() ** 2)
+            g_sq, g_dot_u = torch.stack([  # ‖g‖² and ⟨g, u⟩ in float64, read in one host sync
+                torch.stack([(g[n].double() * other[n].double()).sum() for n in names]).sum()
+                for other in (g, tangent)]).tolist()
             if g_sq > 0 and math.isfinite(g_sq):
                 along_g = _directional_derivative(forward, spec, primal, g, base, x, y, replay, mode)
-                g_dot_u = sum(float((g[n].double() * tangent[n].double()).sum()) for n in names)
                 d_ce, d_kd = (d - (g_dot_u / g_sq) * e for d, e in zip((d_ce, d_kd), along_g, strict=True))
     return d_ce, d_kd, val_ce, val_loss
 
