@@ -19,7 +19,7 @@ with HDKD's current weights as fixed tensors, SGD with momentum 0.9 and weight d
 
 ``test_hdkd_step_msdnet`` times the same steps (no ``naive``) on a real early-exit network: ``msdnet-tiny``
 (4 exits, BatchNorm, convolutions) on 1×14×14 images, batch 64, 10 classes, as ``hdkd-fast train`` runs
-it on Fashion-MNIST in the README's comparison (its row is labelled ``msdnet-tiny`` with K = 4).
+it on Fashion-MNIST in the comparison of docs/results.md (its row is labelled ``msdnet-tiny`` with K = 4).
 
 ``pytest bench/test_bench_hdkd.py`` runs the quick CPU grid (K ∈ {2, 4, 8, 16, 32}, B = H = 128,
 C = 32, one thread, 7 rounds; ``naive``: 1 round); ``--full`` uses B = H = 256, C = 100, 20 rounds. At the end the

@@ -74,11 +74,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--method", choices=method_names(), default=d.method, help="training method (README: Methods)")
+    p.add_argument("--method", choices=method_names(), default=d.method, help="training method (docs/methods.md)")
     p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="default: detected from --data-dir; the embedded digits without one")
     p.add_argument("--data-dir", default=None, help="CIFAR python folder / .tar.gz, MNIST-format (IDX) files, "
-                   "or an ImageFolder root (README: Datasets)")
+                   "or an ImageFolder root (docs/datasets.md)")
     p.add_argument("--download", action="store_true",
                    help=f"{' / '.join(IDX_DATASETS)}: first fetch the official files (checked against their "
                    "published MD5s) into --data-dir (default ~/.cache/hdkd_fast/<dataset>)")

@@ -1,5 +1,5 @@
 """The functional loss API: :func:`dense_kd_losses` (every objective) and :func:`dense_kd` (their
-weighted sum). See docs/design.md §Math for the math; both are differentiable in reverse and forward mode."""
+weighted sum). See docs/math.md for the math; both are differentiable in reverse and forward mode."""
 
 from __future__ import annotations
 
@@ -69,14 +69,8 @@ def dense_kd_losses(
       :math:`T^2 \cdot` batchmean :math:`\mathrm{KL}(p_j \| p_i)`, for every selected pair and 0 elsewhere.
 
     Masked classes: a logit may be ``-inf`` (e.g. a masked vocabulary entry), with
-    :math:`0 \cdot \log 0 = 0` in every backend: a class of probability 0 in the teacher adds nothing
-    to the KL (nor to its gradient or JVP) and gets gradient 0; a class that is ``-inf`` in the student
-    where the teacher gives it probability > 0 makes that KL ``+inf``, and a row whose label class is
-    ``-inf`` has CE ``+inf`` (true values; its gradient stays softmax − onehot). An infinite KL has no
-    gradient, but a zero weight on it (a backward cotangent, or ``kd_weight`` in :func:`dense_kd`,
-    whose loss value is then 0 · inf = NaN) leaves every gradient finite. A row in which *every* class
-    of an exit is ``-inf`` has no softmax: the objectives involving that exit are NaN, as with
-    ``torch.log_softmax``. Logits that are ``+inf`` or NaN give NaN.
+    :math:`0 \cdot \log 0 = 0` in every backend; which losses are then ``+inf`` or NaN and why every
+    gradient stays finite: docs/math.md, "Masked classes and extreme values".
 
     Args:
         logits: ``Tensor[K, B, C]`` or a sequence of K ``Tensor[B, C]`` (float16/bfloat16/float32

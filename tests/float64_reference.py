@@ -1,4 +1,4 @@
-"""An independent float64 implementation of docs/design.md §Math, written for the tests only.
+"""An independent float64 implementation of docs/math.md, written for the tests only.
 
 Plain loops over exits and pairs with explicit log-softmax / KL formulas. It never calls
 hdkd_fast, so it checks the library rather than restating it. Gradients and JVPs of the
@@ -44,7 +44,7 @@ def losses(
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> tuple[Tensor | None, Tensor]:
-    """``(ce, kd)`` of docs/design.md §Math for ``z: Tensor[K, B, C]`` in float64 (``-inf`` logits: 0 · log 0 = 0)."""
+    """``(ce, kd)`` of docs/math.md for ``z: Tensor[K, B, C]`` in float64 (``-inf`` logits: 0 · log 0 = 0)."""
     z = z.double()
     k, b, _ = z.shape
     t = temperature

@@ -1,4 +1,4 @@
-"""Harmonized weights and the bilevel step (docs/design.md §Bilevel step), in float64 on tiny multi-exit MLPs."""
+"""Harmonized weights and the bilevel step (docs/hdkd.md), in float64 on tiny multi-exit MLPs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Harmonized weights learned by bilevel optimization (docs/design.md §Bilevel step).
+"""Harmonized weights learned by bilevel optimization (docs/hdkd.md).
 
 - :class:`HarmonizedWeights`: one learnable weight per objective (K CE terms + the selected KD pairs).
 - :class:`HDKD`: the training step: virtual step, weight hypergradient, weight update, real step.

@@ -68,7 +68,7 @@ def _fork_rng(x: Tensor) -> contextlib.AbstractContextManager[None]:
 class HDKD:
     r"""Harmonized dense KD: learns the objective weights on a validation split while training.
 
-    ``step(x, y, x_val, y_val)`` does, every ``update_every``-th call (docs/design.md §Bilevel step):
+    ``step(x, y, x_val, y_val)`` does, every ``update_every``-th call (docs/hdkd.md, "A step, in order"):
 
     1. virtual step :math:`\theta' = \theta - \eta\, d(\nabla_\theta L_\mathrm{train}(\theta, w))` with
        the optimizer's current lr η (and, for ``torch.optim.SGD``, its momentum buffer, dampening,

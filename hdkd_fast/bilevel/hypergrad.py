@@ -59,7 +59,7 @@ r"""Norm of the finite-difference perturbation in units of :math:`\sqrt{\text{ep
 of the coarser of the logits' and the parameters' dtypes: :math:`\varepsilon\lVert u\rVert =`
 ``FD_STEP``·√eps (float32: 3.5e-4, float64: 1.5e-8). A one-sided difference errs by the truncation,
 ∝ ε·(curvature along u), plus the rounding of z, ∝ eps·|z| / ε; the usual step √eps·(scale) balances
-the two. Measured against ``"exact"`` in float64 (docs/design.md §Bilevel step), the best perturbation
+the two. Measured against ``"exact"`` in float64 (docs/hdkd.md, "Hypergradient modes"), the best perturbation
 lay within ×0.3–×7 of √eps on a small tanh MLP (float32 and float64) and on ``msdnet-tiny`` with
 BatchNorm (float32), so the scale is 1; the textbook scale 1 + ‖θ‖ would be ×66 too large on
 ``msdnet-tiny``, whose batch statistics, not its parameter norm, set the curvature. Relative error of the
