@@ -87,7 +87,7 @@ def broken_links(path: Path, root: Path = ROOT) -> list[str]:
             if anchor and dest.suffix == ".md":
                 if not dest.is_file():
                     problems.append(f"{where}: an anchor into a folder")
-                elif unquote(anchor).lower() not in anchors(dest):
+                elif unquote(anchor) not in anchors(dest):
                     problems.append(f"{where}: no heading with this anchor in {dest.relative_to(root)}")
     return problems
 
