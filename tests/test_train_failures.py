@@ -1,5 +1,6 @@
-"""Issue 17 (hardening): checkpoints that cannot run code and whose structure is checked, and the
-command line's failures as one line with exit code 2 and nothing half-written.
+"""How ``hdkd-fast train`` / ``evaluate`` runs fail (issue 17, hardening; the sections name its items):
+checkpoints that cannot run code and whose structure is checked, and the command line's failures as one
+line with exit code 2 and nothing half-written.
 
 Every run trains on the embedded digits (scikit-learn), 96 images per split, one epoch on the CPU.
 """
