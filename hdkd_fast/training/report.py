@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
-from ..evaluation.plots import _figure, _save
+from ..evaluation.plots import new_figure, save_figure
 
 PathArg = str | os.PathLike[str]
 
@@ -131,7 +131,7 @@ def plot_exit_accuracy_over_epochs(
     num_exits = _check_records(records)
     series = [_accuracies(r.get(key), f"records[{n}][{key!r}]", num_exits) for n, r in enumerate(records)]
     epochs = [r["epoch"] for r in records]
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for k in range(num_exits):
         ax.plot(epochs, [100.0 * acc[k] for acc in series], marker="o", markersize=3, label=f"exit {k + 1}")
     from matplotlib.ticker import MaxNLocator
@@ -139,7 +139,7 @@ def plot_exit_accuracy_over_epochs(
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{_describe(key)} accuracy (%)")
-    return _save(fig, ax, path, title or f"{_describe(key)} per exit")
+    return save_figure(fig, ax, path, title or f"{_describe(key)} per exit")
 
 
 def plot_weight_matrices(records: Sequence[Mapping[str, Any]], path: PathArg) -> Path | None:
@@ -161,7 +161,7 @@ def plot_weight_matrices(records: Sequence[Mapping[str, Any]], path: PathArg) ->
     values = [v for m in matrices for row in m for v in row if not math.isnan(v)]
     vmin, vmax = (min(values), max(values)) if values else (0.0, 1.0)
 
-    fig, _ = _figure()  # reused for its matplotlib import check; the layout is rebuilt below
+    fig, _ = new_figure()  # reused for its matplotlib import check; the layout is rebuilt below
     fig.clear()
     fig.set_size_inches(0.4 + 2.3 * len(shown) + 0.9, 3.1)
     axes = [fig.add_subplot(1, len(shown), n + 1) for n in range(len(shown))]
@@ -202,7 +202,7 @@ def plot_budget_comparison(finals: Mapping[str, Mapping[str, Any]], path: PathAr
     """
     named = _check_finals(finals)
     scale, unit = _flop_unit(named.values())
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for name, final in named.items():
         points = sorted(zip(final["budget"]["cost"], final["budget"]["accuracy"], strict=True))
         (line,) = ax.plot([c / scale for c, _ in points], [100.0 * a for _, a in points], marker=".", label=name)
@@ -217,7 +217,7 @@ def plot_budget_comparison(finals: Mapping[str, Mapping[str, Any]], path: PathAr
     ax.plot([], [], linestyle="none", marker="o", markerfacecolor="none", color="gray", label="single exits")
     ax.set_xlabel(f"average {unit} per sample")
     ax.set_ylabel("top-1 accuracy (%)")
-    return _save(fig, ax, path, title or "budgeted accuracy")
+    return save_figure(fig, ax, path, title or "budgeted accuracy")
 
 
 def plot_exit_comparison(finals: Mapping[str, Mapping[str, Any]], path: PathArg, *, title: str | None = None) -> Path:
@@ -228,13 +228,13 @@ def plot_exit_comparison(finals: Mapping[str, Mapping[str, Any]], path: PathArg,
     """
     named = _check_finals(finals)
     scale, unit = _flop_unit(named.values())
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for name, final in named.items():
         costs = [c / scale for c in final["exit_costs"]]
         ax.plot(costs, [100.0 * a for a in final["test/top1"]], marker="o", label=name)
     ax.set_xlabel(f"{unit} per sample to reach the exit")
     ax.set_ylabel("top-1 accuracy (%)")
-    return _save(fig, ax, path, title or "accuracy per exit")
+    return save_figure(fig, ax, path, title or "accuracy per exit")
 
 
 def format_exit_table(finals: Mapping[str, Mapping[str, Any]]) -> str:
