@@ -58,7 +58,7 @@ from typing import Any, Literal, TypedDict
 
 from filelock import FileLock, Timeout
 
-from .._validation import check_count
+from .._validation import check_count, is_real
 from ..data.load import dataset_name
 from .checkpoint import CHECKPOINT, load_checkpoint, writing
 from .config import NEUTRAL_FIELDS, TrainConfig
@@ -264,7 +264,7 @@ def _read_calibration(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
         raise ValueError(f"{path}: must be an object with 'settings' and 'step_time_s' objects")
     times = data["step_time_s"]
     for method, value in times.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if not is_real(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{path}: 'step_time_s.{method}' must be a finite number of seconds > 0; got {value!r}")
     return data["settings"], {m: float(t) for m, t in times.items()}
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
+from .._validation import is_int, is_real
 from ..evaluation.plots import new_figure, save_figure
 
 PathArg = str | os.PathLike[str]
@@ -344,14 +345,10 @@ def _run_file(run_dir: PathArg, filename: str) -> Path:
     return path
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _numbers(value: object, what: str, length: int | None = None, per: str = "exit") -> list[float]:
     """``value`` as floats; it must be a non-empty list of numbers, of ``length`` items (one per ``per``) when
     given."""
-    if not isinstance(value, (list, tuple)) or not value or not all(_is_number(v) for v in value):
+    if not isinstance(value, (list, tuple)) or not value or not all(is_real(v) for v in value):
         raise ValueError(f"{what} must be a non-empty list of numbers; got {reprlib.repr(value)}")
     if length is not None and len(value) != length:
         raise ValueError(f"{what} must hold {length} values (one per {per}); got {len(value)}")
@@ -381,7 +378,7 @@ def _check_record(record: object, where: str, num_exits: int | None) -> int:
     if missing:
         raise ValueError(f"{where}: missing required key(s) {missing}")
     epoch = record["epoch"]
-    if not isinstance(epoch, int) or isinstance(epoch, bool):
+    if not is_int(epoch):
         raise ValueError(f"{where}: 'epoch' must be an integer; got {epoch!r}")
     k = len(_accuracies(record["val/top1"], f"{where}: 'val/top1'"))
     if num_exits is not None and k != num_exits:
@@ -419,10 +416,10 @@ def _check_final(final: object, where: str) -> int:
     if not isinstance(final["method"], str):
         raise ValueError(f"{where}: 'method' must be a string; got {final['method']!r}")
     k = final["num_exits"]
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"{where}: 'num_exits' must be a positive integer; got {k!r}")
     epochs = final["epochs"]
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+    if not is_int(epochs) or epochs < 1:
         raise ValueError(f"{where}: 'epochs' must be a positive integer; got {epochs!r}")
     _accuracies(final["test/top1"], f"{where}: 'test/top1'", k)
     _accuracies(final["test/top5"], f"{where}: 'test/top5'", k)
@@ -436,7 +433,7 @@ def _check_final(final: object, where: str) -> int:
         raise ValueError(f"{where}: 'budget.q' is missing (the threshold quantile of each budget point)")
     _nonnegatives(budget["q"], f"{where}: 'budget.q'", points, "budget point")
     time_s = final["train_time_s"]
-    if not _is_number(time_s) or not math.isfinite(time_s) or time_s < 0:
+    if not is_real(time_s) or not math.isfinite(time_s) or time_s < 0:
         raise ValueError(f"{where}: 'train_time_s' must be a finite number of seconds >= 0; got {time_s!r}")
     return k
 
