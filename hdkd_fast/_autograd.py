@@ -47,13 +47,13 @@ class OpSpec(NamedTuple):
     compute_grad: bool  # weighted call whose logits will need a gradient: compute it in forward
 
 
-def _weighted_sum(weight: Tensor, values: Tensor) -> Tensor:
+def weighted_sum(weight: Tensor, values: Tensor) -> Tensor:
     """``sum(weight * values)``; per-objective weights broadcast over a trailing row axis."""
     w = weight.to(values.dtype)
     return (w.reshape(w.shape + (1,) * (values.dim() - w.dim())) * values).sum()
 
 
-def _combine(g_loss: Tensor | None, weight: Tensor | None, g: Tensor | None, rows: bool) -> Tensor | None:
+def combine_weights(g_loss: Tensor | None, weight: Tensor | None, g: Tensor | None, rows: bool) -> Tensor | None:
     """Objective weights seen by backward: ``g_loss * weight + g`` (missing terms dropped)."""
     terms = []
     if g_loss is not None and weight is not None:
@@ -89,9 +89,9 @@ class DenseKDFunction(torch.autograd.Function):
         loss = kd.new_zeros(())
         if weighted:
             assert kd_weight is not None and ce_weight is not None
-            loss = _weighted_sum(kd_weight, kd)
+            loss = weighted_sum(kd_weight, kd)
             if ce is not None:
-                loss = loss + _weighted_sum(ce_weight, ce)
+                loss = loss + weighted_sum(ce_weight, ce)
         return (
             ce if ce is not None else kd.new_zeros(0),
             kd,
@@ -147,8 +147,8 @@ def _objective_grad(spec: OpSpec, target: Tensor | None, ce_weight: Tensor | Non
     """Gradient w.r.t. the stacked logits of ``g_loss·loss + <g_ce, ce> + <g_kd, kd>``: one backend call
     with the objective weights ``g_loss·weight + g``."""
     rows = spec.reduction == "none"
-    w_ce = _combine(g_loss, ce_weight, g_ce, rows) if target is not None else None
-    w_kd = _combine(g_loss, kd_weight, g_kd, rows)
+    w_ce = combine_weights(g_loss, ce_weight, g_ce, rows) if target is not None else None
+    w_kd = combine_weights(g_loss, kd_weight, g_kd, rows)
     first = logits[0]
     if w_ce is None and w_kd is None:
         return first.new_zeros(first.shape if spec.stacked else (len(logits), *first.shape))
@@ -335,13 +335,13 @@ def loss_tangent(ce_weight: Tensor | None, kd_weight: Tensor | None, ce: Tensor 
     + \sum d\gamma\,\mathrm{kd}` (0 for an unweighted call; the CE terms only with a target, ``ce``)."""
     d_loss = torch.zeros((), dtype=kd.dtype, device=kd.device)
     if ce_weight is not None and kd_weight is not None:
-        d_loss = d_loss + _weighted_sum(kd_weight, d_kd)
+        d_loss = d_loss + weighted_sum(kd_weight, d_kd)
         if kd_weight_t is not None:
-            d_loss = d_loss + _weighted_sum(kd_weight_t, kd)
+            d_loss = d_loss + weighted_sum(kd_weight_t, kd)
         if ce is not None:
-            d_loss = d_loss + _weighted_sum(ce_weight, d_ce)
+            d_loss = d_loss + weighted_sum(ce_weight, d_ce)
             if ce_weight_t is not None:
-                d_loss = d_loss + _weighted_sum(ce_weight_t, ce)
+                d_loss = d_loss + weighted_sum(ce_weight_t, ce)
     return d_loss
 
 

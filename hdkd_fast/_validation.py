@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -131,18 +131,42 @@ def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
 
 
+def is_int(value: object) -> bool:
+    """An integer that is not a bool (``isinstance(True, int)`` holds): the test of every int argument."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(value: object, name: str, what: str = "an int") -> int:
+    """An int (not a bool); a ``TypeError`` "``name`` must be ``what``; got <type>" otherwise."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be {what}; got {type(value).__name__}")
+    return int(cast(numbers.Integral, value))
+
+
 def check_count(value: object, name: str, minimum: int = 1) -> int:
-    """An int (not a bool) ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if int(value) < minimum:
+    """An int (not a bool) ``>= minimum``: a ``TypeError`` for another type, a ``ValueError`` below it."""
+    count = check_int(value, name)
+    if count < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return int(value)
+    return count
+
+
+def check_positive_int(value: object, name: str, what: str = "a positive int") -> int:
+    """An int (not a bool) ``>= 1``, with one ``ValueError`` "``name`` must be ``what``; got <value!r>" for a
+    wrong type or value alike (the constructors' message; :func:`check_count` tells the two apart)."""
+    if not is_int(value) or int(cast(numbers.Integral, value)) < 1:
+        raise ValueError(f"{name} must be {what}; got {value!r}")
+    return int(cast(numbers.Integral, value))
 
 
 def check_positive(value: object, name: str) -> float:
     """A finite real number ``> 0`` (not a bool)."""
-    result = _real(value, name)
+    result = check_real(value, name)
     if not math.isfinite(result) or result <= 0:
         raise ValueError(f"{name} must be finite and > 0; got {value}")
     return result
@@ -150,21 +174,22 @@ def check_positive(value: object, name: str) -> float:
 
 def check_nonnegative(value: object, name: str) -> float:
     """A finite real number ``>= 0`` (not a bool)."""
-    result = _real(value, name)
+    result = check_real(value, name)
     if not math.isfinite(result) or result < 0:
         raise ValueError(f"{name} must be finite and >= 0; got {value}")
     return result
 
 
-def _real(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
-    return float(value)
+def check_real(value: object, name: str, what: str = "a real number") -> float:
+    """A real number (not a bool) as a float; a ``TypeError`` "``name`` must be ``what``; got <type>" otherwise."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be {what}; got {type(value).__name__}")
+    return float(cast(numbers.Real, value))
 
 
 def check_temperature(temperature: float) -> float:
     """A real number in :data:`TEMPERATURE_RANGE` (every backend computes the losses there)."""
-    result = _real(temperature, "temperature")
+    result = check_real(temperature, "temperature")
     low, high = TEMPERATURE_RANGE
     if not low <= result <= high:  # also rejects NaN
         raise ValueError(f"temperature must be in [{low:g}, {high:g}]; got {temperature}")
@@ -178,9 +203,7 @@ def check_reduction(reduction: str) -> str:
 
 
 def check_ignore_index(ignore_index: int) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
-    return int(ignore_index)
+    return check_int(ignore_index, "ignore_index")
 
 
 def check_weight(
@@ -195,7 +218,7 @@ def check_weight(
         if weight.device != info.device:
             raise ValueError(f"{name} is on {weight.device} but logits are on {info.device}")
         return weight
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+    if not is_real(weight):
         raise TypeError(f"{name} must be a real number or a Tensor{list(shape)}; got {type(weight).__name__}")
     if not math.isfinite(float(weight)):
         raise ValueError(f"{name} must be finite; got {weight}")

@@ -18,6 +18,7 @@ import torch
 from torch.utils.benchmark import Timer
 
 from . import reference
+from ._validation import is_int
 from .backends import available_backends
 from .functional import dense_kd
 
@@ -114,7 +115,7 @@ def run_table(*, exits: Sequence[int], classes: Sequence[int], batch: int | None
               dtype: str = "float32", compile_reference: bool = True) -> str:
     """The Markdown table: one row per (K, C, implementation), with the speed-up over the loop."""
     for name, values in (("exits", exits), ("classes", classes)):
-        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        if not values or any(not is_int(v) or v < 1 for v in values):
             raise ValueError(f"{name} must be positive ints; got {list(values)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")

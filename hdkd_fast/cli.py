@@ -20,6 +20,7 @@ from .bilevel.hypergrad import HYPERGRAD_MODES, STEP_LENGTHS
 from .bilevel.weights import PARAMETERIZATIONS
 from .data.load import DATASETS, IDX_DATASETS
 from .evaluation import BUDGET_PROTOCOLS
+from .models.zoo import model_names, registered_models
 from .training.compare import EQUAL_TIME_DIR, MAX_SEEDS, RERUN_FLAG
 from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, NEUTRAL_FIELDS, RESUME_FIELDS, SCHEDULES, TrainConfig
 from .training.methods import method_names
@@ -72,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
 # -- train ----------------------------------------------------------------------------------------
 
 
+def _model_help() -> str:
+    """``--model``'s help: every registered model with its description, then the default."""
+    models = "; ".join(f"{spec.name}: {spec.description}" for spec in registered_models().values())
+    return (models + "; default msdnet-tiny on digits and the MNIST family, msdnet otherwise").replace("%", "%%")
+
+
 def _train_parser(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--method", choices=method_names(), default=d.method, help="training method (docs/methods.md)")
@@ -82,8 +89,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true",
                    help=f"{' / '.join(IDX_DATASETS)}: first fetch the official files (checked against their "
                    "published MD5s) into --data-dir (default ~/.cache/hdkd_fast/<dataset>)")
-    p.add_argument("--model", default=None, help="msdnet[-cifar|-imagenet|-tiny], resnet18|34|50[-blocks]; "
-                   "default msdnet-tiny on digits and the MNIST family, msdnet otherwise")
+    p.add_argument("--model", choices=model_names(), default=None, metavar="MODEL", help=_model_help())
     p.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<model>-<method>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--epochs", type=int, default=None,

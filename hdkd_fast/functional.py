@@ -23,8 +23,9 @@ from ._validation import (
 from .backends import resolve_backend
 
 
-def _spec(info: LogitsInfo, *, temperature: float, pairs: PairSpec, detach_teacher: bool, ignore_index: int,
-          reduction: str, backend: str, compute_grad: bool) -> OpSpec:
+def op_spec(info: LogitsInfo, *, temperature: float, pairs: PairSpec, detach_teacher: bool, ignore_index: int,
+            reduction: str, backend: str, compute_grad: bool) -> OpSpec:
+    """The checked, resolved settings of one call of the fused op (also built by :mod:`hdkd_fast.fused_linear`)."""
     return OpSpec(
         backend=resolve_backend(backend, info.device),
         temperature=check_temperature(temperature),
@@ -93,8 +94,8 @@ def dense_kd_losses(
     """
     info = check_logits(logits)
     target = check_target(target, info)
-    spec = _spec(info, temperature=temperature, pairs=pairs, detach_teacher=detach_teacher,
-                 ignore_index=ignore_index, reduction=reduction, backend=backend, compute_grad=False)
+    spec = op_spec(info, temperature=temperature, pairs=pairs, detach_teacher=detach_teacher,
+                   ignore_index=ignore_index, reduction=reduction, backend=backend, compute_grad=False)
     ce, kd, _, _ = function_class().apply(spec, target, None, None, *info.tensors)
     return KDLosses(ce if target is not None else None, kd)
 
@@ -124,7 +125,7 @@ def dense_kd(
     target = check_target(target, info)
     ce_t, kd_t = weight_tensors(ce_weight, kd_weight, info, accumulation_dtype(info.dtype))
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in info.tensors)
-    spec = _spec(info, temperature=temperature, pairs=pairs, detach_teacher=detach_teacher,
-                 ignore_index=ignore_index, reduction="mean", backend=backend, compute_grad=compute_grad)
+    spec = op_spec(info, temperature=temperature, pairs=pairs, detach_teacher=detach_teacher,
+                   ignore_index=ignore_index, reduction="mean", backend=backend, compute_grad=compute_grad)
     _, _, loss, _ = function_class().apply(spec, target, ce_t, kd_t, *info.tensors)
     return loss

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._autograd import OpSpec, _combine, _weighted_sum, loss_tangent, weight_grads
+from ._autograd import OpSpec, combine_weights, loss_tangent, weight_grads, weighted_sum
 from ._pairs import PairSpec
 from ._types import KDLosses, LossWeights
 from ._validation import (
@@ -48,7 +48,7 @@ from ._validation import (
 )
 from .backends import get_backend
 from .backends.torch_backend import row_scales
-from .functional import _spec, weight_tensors
+from .functional import op_spec, weight_tensors
 from .modules import DenseKDConfig
 
 Hidden = Tensor | Sequence[Tensor]
@@ -188,7 +188,7 @@ class FusedLinearDenseKDFunction(torch.autograd.Function):
         loss = kd.new_zeros(())
         if weighted:
             assert ce_weight is not None and kd_weight is not None
-            loss = _weighted_sum(kd_weight, kd) + (_weighted_sum(ce_weight, ce) if ce is not None else 0.0)
+            loss = weighted_sum(kd_weight, kd) + (weighted_sum(ce_weight, ce) if ce is not None else 0.0)
         empty = kd.new_zeros(0)
         return (ce if ce is not None else empty, kd, loss, dh if dh is not None else empty,
                 dw if dw is not None else empty, db if db is not None else empty)
@@ -228,8 +228,8 @@ def _first_derivatives(ctx: Any, g_ce: Tensor | None, g_kd: Tensor | None, g_los
             kept = (dh * g_loss, dw * g_loss, db * g_loss if bias is not None else None)
         else:  # the per-objective outputs were used: one sweep with the cotangents as weights
             rows = spec.op.reduction == "none"
-            w_ce = _combine(g_loss, ce_weight, g_ce, rows) if target is not None else None
-            w_kd = _combine(g_loss, kd_weight, g_kd, rows)
+            w_ce = combine_weights(g_loss, ce_weight, g_ce, rows) if target is not None else None
+            w_kd = combine_weights(g_loss, kd_weight, g_kd, rows)
             if w_kd is None:
                 w_kd = kd.new_zeros(kd.shape)
             _, _, sdh, sdw, sdb = _sweep(spec, target, w_ce, w_kd, weight, bias, tuple(hidden),
@@ -358,8 +358,8 @@ def _apply(hidden: Hidden, weight: Tensor, target: Tensor | None, bias: Tensor |
     c = _check(hidden, weight, target, bias, vocab_size, chunk_size)
     inputs = (*c.info.tensors, weight, *((bias,) if bias is not None else ()))
     compute_grad = (ce_weight is not None and torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
-    op = _spec(c.info, temperature=temperature, pairs=pairs, detach_teacher=detach_teacher,
-               ignore_index=ignore_index, reduction=reduction, backend=backend, compute_grad=compute_grad)
+    op = op_spec(c.info, temperature=temperature, pairs=pairs, detach_teacher=detach_teacher,
+                 ignore_index=ignore_index, reduction=reduction, backend=backend, compute_grad=compute_grad)
     spec = FusedSpec(op, c.chunk_size, c.vocab_size)
     out: tuple[Tensor, ...] = _function_class().apply(spec, c.target, ce_weight, kd_weight, weight, bias,
                                                       *c.info.tensors)

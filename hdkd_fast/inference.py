@@ -12,13 +12,13 @@ resp. ``−H(p)``), so that in either case exit k accepts when ``score ≥ signe
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Literal, NamedTuple, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 
+from ._validation import is_real
 from .models.base import MultiExitModule, eval_mode
 
 Criterion = Literal["maxprob", "entropy"]
@@ -139,7 +139,7 @@ def _check_thresholds(thresholds: Sequence[float] | Tensor, num_exits: int) -> t
         values = thresholds.detach().to("cpu", torch.float64)
     elif isinstance(thresholds, Sequence) and not isinstance(thresholds, (str, bytes)):
         for k, t in enumerate(thresholds):
-            if isinstance(t, bool) or not isinstance(t, numbers.Real):
+            if not is_real(t):
                 raise TypeError(f"thresholds[{k}] must be a real number; got {type(t).__name__}")
         values = torch.tensor([float(t) for t in thresholds], dtype=torch.float64)
     else:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ._pairs import PairSpec, pair_mask
 from ._types import LossWeights
-from ._validation import Logits, check_ignore_index, check_temperature
+from ._validation import Logits, check_ignore_index, check_positive_int, check_temperature
 from .backends import check_backend
 from .functional import dense_kd
 
@@ -33,8 +33,8 @@ class DenseKDConfig(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if num_exits is not None and (isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1):
-            raise ValueError(f"num_exits must be a positive int or None; got {num_exits!r}")
+        if num_exits is not None:
+            num_exits = check_positive_int(num_exits, "num_exits", "a positive int or None")
         check_backend(backend)
         self.num_exits = num_exits
         self.temperature = check_temperature(temperature)

@@ -14,7 +14,15 @@ import torch
 from torch.testing import assert_close
 
 import hdkd_fast as hk
-from hdkd_fast._validation import TEMPERATURE_RANGE
+from hdkd_fast._validation import (
+    TEMPERATURE_RANGE,
+    check_count,
+    check_int,
+    check_positive_int,
+    check_real,
+    is_int,
+    is_real,
+)
 
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 K_VALUES = (1, 2, 3, 5, 9)
@@ -348,6 +356,25 @@ def test_bad_input_raises_an_error_naming_the_argument(call, error, name):
     z, y = draw(3, 5, 4, seed=0, ignored=0)
     with pytest.raises(error, match=name):
         call(z, y)
+
+
+def test_shared_number_checks_refuse_bools_and_name_the_argument():
+    """The int and real checks of every module (hdkd_fast._validation): a bool is neither."""
+    assert [is_int(v) for v in (3, -1, True, 3.0, "3")] == [True, True, False, False, False]
+    assert [is_real(v) for v in (3, 2.5, True, "3")] == [True, True, False, False]
+    with pytest.raises(TypeError, match=r"^seed must be an int; got bool$"):
+        check_int(True, "seed")
+    with pytest.raises(TypeError, match=r"^image_size must be an int or None; got float$"):
+        check_int(2.0, "image_size", "an int or None")
+    with pytest.raises(ValueError, match=r"^epoch must be >= 0; got -1$"):
+        check_count(-1, "epoch", minimum=0)
+    with pytest.raises(ValueError, match=r"^num_exits must be a positive int or None; got True$"):
+        hk.DenseKD(num_exits=True)
+    with pytest.raises(ValueError, match=r"^size must be a positive int; got '2'$"):
+        check_positive_int("2", "size")
+    with pytest.raises(TypeError, match=r"^scale must be a real number; got bool$"):
+        check_real(False, "scale")
+    assert (check_count(3, "k"), check_positive_int(2, "k"), check_real(3, "x")) == (3, 2, 3.0)
 
 
 def test_mutual_learning_mask_allowed_without_detach():

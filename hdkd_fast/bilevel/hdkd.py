@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import warnings
 from typing import Any
 
@@ -21,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .._distributed import all_reduce_mean
 from .._pairs import pair_mask
 from .._types import LossWeights
-from .._validation import Logits, check_logits
+from .._validation import Logits, check_logits, check_positive_int, is_real
 from ..modules import DenseKD
 from .hypergrad import (
     HYPERGRAD_MODES,
@@ -175,13 +174,12 @@ class HDKD:
                             f"got {type(weight_optimizer).__name__}")
         if hypergrad not in HYPERGRAD_MODES:
             raise ValueError(f"hypergrad must be one of {HYPERGRAD_MODES}; got {hypergrad!r}")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an int >= 1; got {update_every!r}")
+        update_every = check_positive_int(update_every, "update_every", "an int >= 1")
         if step_length not in STEP_LENGTHS:
             raise ValueError(f"step_length must be one of {STEP_LENGTHS}; got {step_length!r}")
         if validation not in VALIDATION_OBJECTIVES:
             raise ValueError(f"validation must be one of {VALIDATION_OBJECTIVES}; got {validation!r}")
-        if isinstance(ema_decay, bool) or not isinstance(ema_decay, numbers.Real) or not 0 <= ema_decay < 1:
+        if not is_real(ema_decay) or not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be a number in [0, 1); got {ema_decay!r}")
         if reuse_inner_gradient is None:
             reuse_inner_gradient = not isinstance(model, DistributedDataParallel)

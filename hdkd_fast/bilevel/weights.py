@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from .._pairs import PairMask, PairSpec, pair_mask, selected_pairs
 from .._types import KDLosses, LossWeights
+from .._validation import check_positive_int
 
 PARAMETERIZATIONS = ("per_exit", "softmax", "softplus", "gated", "fixed")
 
@@ -64,8 +65,7 @@ class HarmonizedWeights(nn.Module):
         init: LossWeights | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
-            raise ValueError(f"num_exits must be a positive int; got {num_exits!r}")
+        num_exits = check_positive_int(num_exits, "num_exits")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}; got {parameterization!r}")
         # The direction of a mask is the criterion's concern (detach_teacher); here only the set matters.

@@ -9,13 +9,14 @@ All randomness comes from a CPU :class:`torch.Generator`, so a run is reproducib
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .._validation import check_count, is_real
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,7 @@ class Augment:
             raise ValueError(f"mean and std must have one entry per channel; got {len(self.mean)} and {len(self.std)}")
         if any(s <= 0.0 for s in self.std):
             raise ValueError(f"std must be > 0 for every channel; got {self.std}")
-        if isinstance(crop_padding, bool) or not isinstance(crop_padding, int):
-            raise TypeError(f"crop_padding must be an int; got {type(crop_padding).__name__}")
-        if crop_padding < 0:
-            raise ValueError(f"crop_padding must be >= 0; got {crop_padding}")
+        crop_padding = check_count(crop_padding, "crop_padding", minimum=0)
         for name, value in (("flip", flip), ("train", train)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
@@ -158,7 +156,7 @@ def _statistic(values: Sequence[float], name: str) -> tuple[float, ...]:
         values = values.tolist()
     if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
         raise TypeError(f"{name} must be a sequence of floats (one per channel); got {type(values).__name__}")
-    if not values or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+    if not values or not all(is_real(v) for v in values):
         raise ValueError(f"{name} must be a non-empty sequence of numbers (one per channel); got {values!r}")
     result = tuple(float(v) for v in values)
     if not all(math.isfinite(v) for v in result):

@@ -13,6 +13,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from .._validation import check_positive_int
+
 Indices = Tensor | Sequence[int]
 """A 1-D integer tensor or a sequence of ints."""
 
@@ -116,8 +118,7 @@ class TensorImageDataset(ImageDataset):
         r"""The images area-resampled to ``size``×``size`` (each output pixel the mean of the input pixels it
         covers, as :func:`torch.nn.functional.interpolate` ``mode="area"``: a plain k×k block mean when the
         side shrinks by an integer factor k), rounded to uint8; ``chunk`` images at a time."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive int; got {size!r}")
+        size = check_positive_int(size, "size")
         if self.image_shape[1:] == (size, size):
             return self
         parts = [F.interpolate(part.float(), size=(size, size), mode="area").round_().clamp_(0, 255).to(torch.uint8)

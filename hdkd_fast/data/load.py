@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .._validation import check_int, check_positive_int
 from . import cifar, folder, idx
 from .dataset import ImageDataset, channel_stats
 from .digits import CLASS_NAMES as DIGIT_NAMES
@@ -122,18 +123,16 @@ def load_dataset(
         raise TypeError(f"name must be a str or None; got {type(name).__name__}")
     if name is not None and name not in DATASETS:
         raise ValueError(f"name must be one of {', '.join(DATASETS)} (or None to detect it); got {name!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int; got {type(seed).__name__}")
+    seed = check_int(seed, "seed")
     if image_size is not None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int):
-            raise TypeError(f"image_size must be an int or None; got {type(image_size).__name__}")
+        image_size = check_int(image_size, "image_size", "an int or None")
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1; got {image_size}")
         if image_size > MAX_IMAGE_SIZE:
             raise ValueError(f"image_size must be <= {MAX_IMAGE_SIZE} (the largest side images are resampled to); "
                              f"got {image_size}")
-    if train_size is not None and (isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1):
-        raise ValueError(f"train_size must be a positive int (a number of images) or None; got {train_size!r}")
+    if train_size is not None:
+        train_size = check_positive_int(train_size, "train_size", "a positive int (a number of images) or None")
     if not isinstance(download, bool):
         raise TypeError(f"download must be a bool; got {type(download).__name__}")
     bundle = _load(name, data_dir, val_size, seed, image_size, download)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .._validation import check_count, check_int
 from .dataset import ImageDataset
 from .splits import EPOCH_STREAM, seeded_permutation
 
@@ -49,15 +50,13 @@ class EpochLoader:
         for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
-        for name, value in (
+        batch_size, seed, rank, world_size, num_workers = (check_int(value, name) for name, value in (
             ("batch_size", batch_size),
             ("seed", seed),
             ("rank", rank),
             ("world_size", world_size),
             ("num_workers", num_workers),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+        ))
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         if world_size < 1:
@@ -78,11 +77,7 @@ class EpochLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration uses."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int):
-            raise TypeError(f"epoch must be an int; got {type(epoch).__name__}")
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0; got {epoch}")
-        self.epoch = epoch
+        self.epoch = check_count(epoch, "epoch", minimum=0)
 
     def indices(self) -> Tensor:
         """The dataset indices this rank visits in the current epoch, in order (int64, CPU)."""

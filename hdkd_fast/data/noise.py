@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
+from .._validation import check_real
 from .load import DataBundle
 from .splits import NOISE_STREAM, mix_seed
 
@@ -38,9 +38,7 @@ TRAIN_SPLIT, VAL_SPLIT = 0, 1
 
 def check_noise_rate(p: object, name: str = "p") -> float:
     """``p`` as a float in [0, 1) (a rate of 1 would leave no label right); errors name ``name``."""
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"{name} must be a real number in [0, 1); got {type(p).__name__}")
-    rate = float(p)
+    rate = check_real(p, name, "a real number in [0, 1)")
     if not (math.isfinite(rate) and 0 <= rate < 1):
         raise ValueError(f"{name} must be a probability in [0, 1) (the fraction of labels replaced by another "
                          f"class); got {p}")

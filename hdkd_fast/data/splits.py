@@ -13,6 +13,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from .._validation import is_real
+
 VAL_STREAM = 1
 """Stream id of the validation split held out from the training set."""
 TEST_STREAM = 2
@@ -54,7 +56,7 @@ def holdout_size(value: int | float | None, total: int, *, default: int | float,
     """
     if value is None:
         value = default
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"{name} must be an int (a number of images) or a float in (0, 1); got {type(value).__name__}")
     if isinstance(value, numbers.Integral):
         count = int(value)

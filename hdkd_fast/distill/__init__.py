@@ -18,7 +18,7 @@ Every KL between exits goes through the fused op (:func:`hdkd_fast.dense_kd_loss
 """
 
 from .adaptive import AdaptivePathWeighting, DenseKDUncertainty
-from .attention import AttentionDistillation, EKDLoss, attention_map, attention_pairs
+from .ekd import AttentionDistillation, EKDLoss, attention_map, attention_pairs
 from .equilibrium import GradientEquilibrium, gradient_rescale
 from .erde import ERDELoss, match_exits
 from .schedules import DBTTemperature, dbt_temperature

@@ -17,13 +17,13 @@ and :func:`gradient_rescale` is the op.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._validation import check_real
 from ..models.base import ExitCallback, MultiExitModule, supports_exit_maps
 
 
@@ -75,12 +75,11 @@ def gradient_rescale(x: Tensor, scale: float) -> Tensor:
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor; got {type(x).__name__}")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number; got {type(scale).__name__}")
-    if not math.isfinite(float(scale)):
+    value = check_real(scale, "scale")
+    if not math.isfinite(value):
         raise ValueError(f"scale must be finite; got {scale}")
     fn = _GradientRescale if torch.compiler.is_compiling() else _GradientRescaleWithJvp
-    out: Tensor = fn.apply(x, float(scale))
+    out: Tensor = fn.apply(x, value)
     return out
 
 

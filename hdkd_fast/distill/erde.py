@@ -20,6 +20,7 @@ from .._validation import (
     accumulation_dtype,
     check_count,
     check_ignore_index,
+    check_int,
     check_logits,
     check_nonnegative,
     check_temperature,
@@ -50,12 +51,12 @@ def _check_match(match: Sequence[int], num_student: int, num_teacher: int) -> tu
         raise TypeError(f"match must be a sequence of teacher exit indices; got {type(match).__name__}")
     if len(match) != num_student:
         raise ValueError(f"match must hold one teacher exit per student exit ({num_student}); got {len(match)}")
+    checked = []
     for k, j in enumerate(match):
-        if isinstance(j, bool) or not isinstance(j, int):
-            raise TypeError(f"match[{k}] must be an int; got {type(j).__name__}")
-        if not 0 <= j < num_teacher:
+        checked.append(check_int(j, f"match[{k}]"))
+        if not 0 <= checked[-1] < num_teacher:
             raise ValueError(f"match[{k}] = {j} is not a teacher exit index in [0, {num_teacher})")
-    return tuple(match)
+    return tuple(checked)
 
 
 def _normalized_neg_entropy(logits: Tensor) -> Tensor:

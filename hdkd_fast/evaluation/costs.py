@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
+from .._validation import is_int
 from ..models.base import MultiExitModule, eval_mode
 
 
@@ -27,7 +28,7 @@ def exit_costs(model: MultiExitModule, input_shape: Sequence[int]) -> Tensor:
             f"got {type(model).__name__}"
         )
     shape = tuple(input_shape) if isinstance(input_shape, Sequence) and not isinstance(input_shape, str) else ()
-    if len(shape) < 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    if len(shape) < 2 or not all(is_int(d) and d > 0 for d in shape):
         raise ValueError(
             "input_shape must be the shape of an input batch in positive ints, e.g. (1, 3, 32, 32); "
             f"got {input_shape!r}"

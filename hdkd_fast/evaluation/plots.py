@@ -38,12 +38,12 @@ def plot_exit_accuracy(
         x, xlabel = _floats(costs), "FLOPs per sample"
         if len(x) != num_exits:
             raise ValueError(f"costs must hold one value per exit (K = {num_exits}); got {len(x)}")
-    fig, ax = _figure()
+    fig, ax = new_figure()
     ax.plot(x, _percent(accuracy.top1), marker="o", label="top-1")
     ax.plot(x, _percent(accuracy.top5), marker="s", label="top-5")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
-    return _save(fig, ax, path, title or "accuracy per exit")
+    return save_figure(fig, ax, path, title or "accuracy per exit")
 
 
 def plot_budgeted_accuracy(
@@ -65,7 +65,7 @@ def plot_budgeted_accuracy(
         raise TypeError("curves must be a BudgetCurve or a non-empty mapping of labels to BudgetCurve")
     if (exit_costs is None) != (exit_accuracy is None):
         raise ValueError("exit_costs and exit_accuracy must be given together")
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for label, curve in named.items():
         order = torch.argsort(curve.cost)
         ax.plot(_floats(curve.cost[order]), _percent(curve.accuracy[order]), marker=".", label=label)
@@ -76,10 +76,12 @@ def plot_budgeted_accuracy(
         ax.plot(costs, _percent(exit_accuracy.top1), linestyle="none", marker="x", color="black", label="single exit")
     ax.set_xlabel("average FLOPs per sample")
     ax.set_ylabel("top-1 accuracy (%)")
-    return _save(fig, ax, path, title or "budgeted accuracy")
+    return save_figure(fig, ax, path, title or "budgeted accuracy")
 
 
-def _figure() -> tuple[Figure, Axes]:
+def new_figure() -> tuple[Figure, Axes]:
+    """A figure of the package's plot size on the Agg canvas and its one axes (also drawn on by the reports
+    of :mod:`hdkd_fast.training`); an ``ImportError`` naming the extra when matplotlib is missing."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -90,7 +92,8 @@ def _figure() -> tuple[Figure, Axes]:
     return fig, fig.add_subplot()
 
 
-def _save(fig: Figure, ax: Axes, path: str | os.PathLike[str], title: str) -> Path:
+def save_figure(fig: Figure, ax: Axes, path: str | os.PathLike[str], title: str) -> Path:
+    """Title, grid and legend on ``ax``, then ``fig`` written to ``path`` as a 150-dpi PNG; returns the path."""
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._validation import is_int
 from .base import ExitCallback, ExitMap, MultiExitModule, PoolLinearHead, check_num_classes, eval_mode
 
 HeadSpec = Sequence[nn.Module] | Callable[[str], nn.Module] | None
@@ -260,7 +261,7 @@ def _make_heads(head: HeadSpec, names: list[str], num_classes: int) -> list[nn.M
 
 def _dry_run(model: AttachedExits, input_shape: Sequence[int]) -> None:
     shape = tuple(input_shape)
-    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    if not shape or not all(is_int(d) and d > 0 for d in shape):
         raise ValueError(f"input_shape must be a non-empty sequence of positive ints; got {input_shape!r}")
     param = next(model.backbone.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")

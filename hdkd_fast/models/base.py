@@ -10,13 +10,14 @@ are all this one driver with different callbacks.
 
 from __future__ import annotations
 
-import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, overload
 
 from torch import Tensor, nn
+
+from .._validation import check_count
 
 ExitCallback = Callable[[int, Tensor, Tensor], Tensor | None]
 """``on_exit(k, logits, feature) -> keep``: called right after exit ``k`` is computed on the rows
@@ -178,11 +179,7 @@ def take_rows(state: Any, keep: Tensor) -> Any:
 
 def check_num_classes(num_classes: object) -> int:
     """A positive int (not a bool)."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
-        raise TypeError(f"num_classes must be an int; got {type(num_classes).__name__}")
-    if int(num_classes) < 1:
-        raise ValueError(f"num_classes must be >= 1; got {num_classes}")
-    return int(num_classes)
+    return check_count(num_classes, "num_classes")
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_choice
+from .._validation import check_choice, check_positive_int
 from .base import StagedMultiExit, check_num_classes, init_conv_bn_linear
 
 Stem = Literal["cifar", "imagenet"]
@@ -254,8 +254,7 @@ class MSDNet(StagedMultiExit):
         check_choice(stem, "stem", ("cifar", "imagenet"))
         for name, value in (("n_blocks", n_blocks), ("step", step), ("base", base), ("n_channels", n_channels),
                             ("in_channels", in_channels)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+            check_positive_int(value, name)
         if len(gr_factor) < 1 or len(bn_factor) != len(gr_factor):
             raise ValueError(
                 f"gr_factor and bn_factor must be non-empty and of equal length; got {gr_factor} and {bn_factor}"

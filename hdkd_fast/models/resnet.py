@@ -13,7 +13,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from .._validation import check_choice
+from .._validation import check_choice, check_positive_int
 from .base import PoolLinearHead, StagedMultiExit, check_num_classes, init_conv_bn_linear
 
 
@@ -108,8 +108,7 @@ class MultiExitResNet(StagedMultiExit):
         num_classes = check_num_classes(num_classes)
         check_choice(exits, "exits", ("stages", "blocks"))
         check_choice(stem, "stem", ("imagenet", "cifar"))
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int; got {in_channels!r}")
+        in_channels = check_positive_int(in_channels, "in_channels")
         block_type, counts = _LAYOUTS[depth]
 
         first: list[nn.Module]

@@ -58,7 +58,7 @@ from typing import Any, Literal, TypedDict
 
 from filelock import FileLock, Timeout
 
-from .._validation import check_count
+from .._validation import check_count, is_real
 from ..data.load import dataset_name
 from .checkpoint import CHECKPOINT, load_checkpoint, writing
 from .config import NEUTRAL_FIELDS, TrainConfig
@@ -264,7 +264,7 @@ def _read_calibration(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
         raise ValueError(f"{path}: must be an object with 'settings' and 'step_time_s' objects")
     times = data["step_time_s"]
     for method, value in times.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if not is_real(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{path}: 'step_time_s.{method}' must be a finite number of seconds > 0; got {value!r}")
     return data["settings"], {m: float(t) for m, t in times.items()}
 
@@ -473,10 +473,10 @@ def write_comparison(summaries: Mapping[str, MethodSummary], out: Path) -> list[
 def plot_method_budgets(summaries: Mapping[str, MethodSummary], path: Path) -> Path:
     """Mean test top-1 (%) against average FLOPs per sample, one budget curve per method, with every exit's
     mean ± std as an error bar of the curve's color."""
-    from ..evaluation.plots import _figure, _save
+    from ..evaluation.plots import new_figure, save_figure
 
     scale, unit = flop_unit(max(max(s["exit_costs"]) for s in summaries.values()))
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for method, s in summaries.items():
         points = sorted(zip(s["budget_cost"], s["budget_accuracy"], strict=True))
         (line,) = ax.plot([c / scale for c, _ in points], [100 * a for _, a in points], marker=".",
@@ -486,4 +486,4 @@ def plot_method_budgets(summaries: Mapping[str, MethodSummary], path: Path) -> P
                     color=line.get_color(), capsize=3)
     ax.set_xlabel(f"average {unit} per sample")
     ax.set_ylabel("top-1 accuracy (%)")
-    return _save(fig, ax, path, "budgeted accuracy, mean over seeds")
+    return save_figure(fig, ax, path, "budgeted accuracy, mean over seeds")

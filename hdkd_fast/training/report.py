@@ -28,7 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
-from ..evaluation.plots import _figure, _save
+from .._validation import is_int, is_real
+from ..evaluation.plots import new_figure, save_figure
 
 PathArg = str | os.PathLike[str]
 
@@ -131,7 +132,7 @@ def plot_exit_accuracy_over_epochs(
     num_exits = _check_records(records)
     series = [_accuracies(r.get(key), f"records[{n}][{key!r}]", num_exits) for n, r in enumerate(records)]
     epochs = [r["epoch"] for r in records]
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for k in range(num_exits):
         ax.plot(epochs, [100.0 * acc[k] for acc in series], marker="o", markersize=3, label=f"exit {k + 1}")
     from matplotlib.ticker import MaxNLocator
@@ -139,7 +140,7 @@ def plot_exit_accuracy_over_epochs(
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{_describe(key)} accuracy (%)")
-    return _save(fig, ax, path, title or f"{_describe(key)} per exit")
+    return save_figure(fig, ax, path, title or f"{_describe(key)} per exit")
 
 
 def plot_weight_matrices(records: Sequence[Mapping[str, Any]], path: PathArg) -> Path | None:
@@ -161,7 +162,7 @@ def plot_weight_matrices(records: Sequence[Mapping[str, Any]], path: PathArg) ->
     values = [v for m in matrices for row in m for v in row if not math.isnan(v)]
     vmin, vmax = (min(values), max(values)) if values else (0.0, 1.0)
 
-    fig, _ = _figure()  # reused for its matplotlib import check; the layout is rebuilt below
+    fig, _ = new_figure()  # reused for its matplotlib import check; the layout is rebuilt below
     fig.clear()
     fig.set_size_inches(0.4 + 2.3 * len(shown) + 0.9, 3.1)
     axes = [fig.add_subplot(1, len(shown), n + 1) for n in range(len(shown))]
@@ -202,7 +203,7 @@ def plot_budget_comparison(finals: Mapping[str, Mapping[str, Any]], path: PathAr
     """
     named = _check_finals(finals)
     scale, unit = _flop_unit(named.values())
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for name, final in named.items():
         points = sorted(zip(final["budget"]["cost"], final["budget"]["accuracy"], strict=True))
         (line,) = ax.plot([c / scale for c, _ in points], [100.0 * a for _, a in points], marker=".", label=name)
@@ -217,7 +218,7 @@ def plot_budget_comparison(finals: Mapping[str, Mapping[str, Any]], path: PathAr
     ax.plot([], [], linestyle="none", marker="o", markerfacecolor="none", color="gray", label="single exits")
     ax.set_xlabel(f"average {unit} per sample")
     ax.set_ylabel("top-1 accuracy (%)")
-    return _save(fig, ax, path, title or "budgeted accuracy")
+    return save_figure(fig, ax, path, title or "budgeted accuracy")
 
 
 def plot_exit_comparison(finals: Mapping[str, Mapping[str, Any]], path: PathArg, *, title: str | None = None) -> Path:
@@ -228,13 +229,13 @@ def plot_exit_comparison(finals: Mapping[str, Mapping[str, Any]], path: PathArg,
     """
     named = _check_finals(finals)
     scale, unit = _flop_unit(named.values())
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for name, final in named.items():
         costs = [c / scale for c in final["exit_costs"]]
         ax.plot(costs, [100.0 * a for a in final["test/top1"]], marker="o", label=name)
     ax.set_xlabel(f"{unit} per sample to reach the exit")
     ax.set_ylabel("top-1 accuracy (%)")
-    return _save(fig, ax, path, title or "accuracy per exit")
+    return save_figure(fig, ax, path, title or "accuracy per exit")
 
 
 def format_exit_table(finals: Mapping[str, Mapping[str, Any]]) -> str:
@@ -344,14 +345,10 @@ def _run_file(run_dir: PathArg, filename: str) -> Path:
     return path
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _numbers(value: object, what: str, length: int | None = None, per: str = "exit") -> list[float]:
     """``value`` as floats; it must be a non-empty list of numbers, of ``length`` items (one per ``per``) when
     given."""
-    if not isinstance(value, (list, tuple)) or not value or not all(_is_number(v) for v in value):
+    if not isinstance(value, (list, tuple)) or not value or not all(is_real(v) for v in value):
         raise ValueError(f"{what} must be a non-empty list of numbers; got {reprlib.repr(value)}")
     if length is not None and len(value) != length:
         raise ValueError(f"{what} must hold {length} values (one per {per}); got {len(value)}")
@@ -381,7 +378,7 @@ def _check_record(record: object, where: str, num_exits: int | None) -> int:
     if missing:
         raise ValueError(f"{where}: missing required key(s) {missing}")
     epoch = record["epoch"]
-    if not isinstance(epoch, int) or isinstance(epoch, bool):
+    if not is_int(epoch):
         raise ValueError(f"{where}: 'epoch' must be an integer; got {epoch!r}")
     k = len(_accuracies(record["val/top1"], f"{where}: 'val/top1'"))
     if num_exits is not None and k != num_exits:
@@ -419,10 +416,10 @@ def _check_final(final: object, where: str) -> int:
     if not isinstance(final["method"], str):
         raise ValueError(f"{where}: 'method' must be a string; got {final['method']!r}")
     k = final["num_exits"]
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"{where}: 'num_exits' must be a positive integer; got {k!r}")
     epochs = final["epochs"]
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+    if not is_int(epochs) or epochs < 1:
         raise ValueError(f"{where}: 'epochs' must be a positive integer; got {epochs!r}")
     _accuracies(final["test/top1"], f"{where}: 'test/top1'", k)
     _accuracies(final["test/top5"], f"{where}: 'test/top5'", k)
@@ -436,7 +433,7 @@ def _check_final(final: object, where: str) -> int:
         raise ValueError(f"{where}: 'budget.q' is missing (the threshold quantile of each budget point)")
     _nonnegatives(budget["q"], f"{where}: 'budget.q'", points, "budget point")
     time_s = final["train_time_s"]
-    if not _is_number(time_s) or not math.isfinite(time_s) or time_s < 0:
+    if not is_real(time_s) or not math.isfinite(time_s) or time_s < 0:
         raise ValueError(f"{where}: 'train_time_s' must be a finite number of seconds >= 0; got {time_s!r}")
     return k
 

@@ -1,5 +1,6 @@
-"""Issue 17 (hardening): checkpoints that cannot run code and whose structure is checked, and the
-command line's failures as one line with exit code 2 and nothing half-written.
+"""How ``hdkd-fast train`` / ``evaluate`` runs fail (issue 17, hardening; the sections name its items):
+checkpoints that cannot run code and whose structure is checked, and the command line's failures as one
+line with exit code 2 and nothing half-written.
 
 Every run trains on the embedded digits (scikit-learn), 96 images per split, one epoch on the CPU.
 """
@@ -180,17 +181,25 @@ def test_an_unavailable_backend_writes_nothing(tmp_path: Path, capsys: pytest.Ca
 
 
 @pytest.mark.parametrize(("args", "pieces"), [
-    (["--model", "msdnet-huge"], ["msdnet-huge"]),
     (["--method", "erde", "--teacher", "<tmp>/nothing"], ["checkpoint", "nothing", "does not exist"]),
     (["--method", "hdkd", "--val-size", "1"], ["validation split has 1 image", "--val-size"]),
     (["--method", "hdkd", "--batch-size", "1"], ["batch_size must be >= 2", "got 1"]),
     (["--method", "ce", "--batch-size", "1"], ["batch_size must be >= 2", "got 1"]),
     (["--method", "ce", "--limit", "1"], ["training split has 1 image", "--limit"]),
-], ids=["model", "teacher", "hdkd-val-size-1", "hdkd-batch-1", "ce-batch-1", "limit-1"])
+], ids=["teacher", "hdkd-val-size-1", "hdkd-batch-1", "ce-batch-1", "limit-1"])
 def test_a_run_that_cannot_start_writes_nothing(args: list[str], pieces: list[str], tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     args = [a.replace("<tmp>", str(tmp_path)) for a in args]
     expect_error(capsys, ["train", *FAST, "--out", str(tmp_path / "run"), *args], *pieces)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_model_is_refused_by_the_parser(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--model`` takes the registered names (hdkd_fast.models.zoo): argparse's one-line error, like ``--method``."""
+    with pytest.raises(SystemExit) as exited:
+        train(tmp_path / "run", "--model", "msdnet-huge")
+    assert exited.value.code == 2
+    assert "argument --model: invalid choice: 'msdnet-huge'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
