@@ -17,6 +17,7 @@ from torch.func import functional_call
 import hdkd_fast as hk
 from hdkd_fast.bilevel import HDKD, HarmonizedWeights, hypergrad, weight_hypergradient
 from hdkd_fast.bilevel.hypergrad import InnerRule, ObjectiveSpec, inner_rules, virtual_step
+from hdkd_fast.bilevel.weights import BOUNDED_SCALE, PARAMETERIZATIONS
 
 K, D, H, C = 3, 7, 9, 5
 T = 2.0
@@ -193,7 +194,7 @@ def test_fixed_step_length_hypergradient_is_orthogonal_to_the_weights() -> None:
 @pytest.mark.parametrize("backend", hk.available_backends("cpu"))
 @pytest.mark.parametrize(("pairs", "parameterization", "detach_teacher"),
                          [("last", "softplus", True), ("adjacent", "softmax", False), ("dense", "softplus", False),
-                          ("dense", "gated", True), ("dense", "per_exit", False)])
+                          ("dense", "gated", True), ("dense", "per_exit", False), ("dense", "bounded", True)])
 def test_modes_agree_for_every_pair_selection(pairs: str, parameterization: str, detach_teacher: bool,
                                               backend: str) -> None:
     criterion = hk.DenseKD(temperature=T, pairs=pairs, detach_teacher=detach_teacher, backend=backend)
@@ -441,6 +442,27 @@ def test_update_every_and_step_stats() -> None:
     assert all(isinstance(v, float) for v in stats.values())
 
 
+def test_warmup_holds_the_weights_then_updates_every_interval() -> None:
+    """``warmup_steps=4, update_every=3``: calls 0-3 are plain steps at the starting weights (no validation
+    batch needed), then calls 4, 7, ... update φ; the counter survives ``state_dict``."""
+    _, _, hdkd = make(21, update_every=3, warmup_steps=4)
+    start = hdkd.weights.phi.detach().clone()
+    updated = []
+    for s in range(9):
+        will = hdkd.will_update()
+        x, y, xv, yv = batches(60 + s)
+        stats = hdkd.step(x, y, xv, yv) if will else hdkd.step(x, y)
+        assert stats["updated"] == float(will)
+        updated.append(will)
+        if s < 4:
+            assert torch.equal(hdkd.weights.phi, start)
+    assert updated == [False, False, False, False, True, False, False, True, False]
+    assert not torch.equal(hdkd.weights.phi, start)
+    _, _, other = make(21, update_every=3, warmup_steps=4)
+    other.load_state_dict(hdkd.state_dict())
+    assert other.calls == 9 and not other.will_update()
+
+
 def test_balanced_validation_tracks_the_running_mean() -> None:
     _, _, hdkd = make(19, validation="balanced", ema_decay=0.5)
     first = hdkd.step(*batches(50))
@@ -500,14 +522,14 @@ def test_auto_mode_is_fd_for_float_logits_and_jvp_under_bf16_autocast() -> None:
 
 # -- HarmonizedWeights -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("parameterization", ["softmax", "per_exit", "softplus", "gated", "fixed"])
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
 def test_weights_start_uniform(parameterization: str) -> None:
-    """Every parameterization starts at the uniform weights, except ``per_exit``: each exit's unit split
-    half on its CE, half evenly over its teachers (exit 4, no teacher: CE 1)."""
+    """Every parameterization starts at the uniform weights, except ``per_exit`` and ``bounded``: each
+    exit's unit split half on its CE, half evenly over its teachers (exit 4, no teacher: CE 1)."""
     w = HarmonizedWeights(4, "dense", parameterization=parameterization)
     assert w.num_objectives == 4 + 6
     out = w()
-    if parameterization == "per_exit":
+    if parameterization in ("per_exit", "bounded"):
         torch.testing.assert_close(out.ce, torch.tensor([0.5, 0.5, 0.5, 1.0]))
         kd = torch.tensor([[0, 1 / 6, 1 / 6, 1 / 6], [0, 0, 1 / 4, 1 / 4], [0, 0, 0, 1 / 2], [0, 0, 0, 0]])
         torch.testing.assert_close(out.kd, kd)
@@ -557,6 +579,37 @@ def test_per_exit_weights_are_one_softmax_per_student() -> None:
     want = torch.autograd.functional.jacobian(closed_form, phi)
     got = torch.autograd.functional.jacobian(lambda t: w.flatten(torch.func.functional_call(w, {"phi": t}, ())), phi)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_bounded_weights_lean_each_exit_within_their_bounds() -> None:
+    """``bounded``: w_o = w⁰_o (1 + β (tanh φ_o − t̄_i)), t̄_i the w⁰-weighted mean of tanh φ over student i's
+    objectives, against a float64 closed form with its Jacobian; every exit's total stays 1 and every
+    weight within (1 ∓ 2β) w⁰, however large φ."""
+    w = HarmonizedWeights(4, "dense", parameterization="bounded").double()
+    groups = [[0, 4, 5, 6], [1, 7, 8], [2, 9], [3]]
+    w0 = w.vector().detach().clone()
+
+    def closed_form(phi: torch.Tensor) -> torch.Tensor:
+        out = [torch.zeros((), dtype=torch.float64)] * 10
+        for g in groups:
+            mean = sum(w0[o] * phi[o].tanh() for o in g) / sum(w0[o] for o in g)
+            for o in g:
+                out[o] = w0[o] * (1 + BOUNDED_SCALE * (phi[o].tanh() - mean))
+        return torch.stack(out)
+
+    for scale in (0.7, 50.0):
+        with torch.no_grad():
+            w.phi.copy_(scale * torch.randn(10, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
+        phi, v = w.phi.detach(), w.vector().detach()
+        torch.testing.assert_close(v, closed_form(phi), rtol=1e-12, atol=0)
+        for g in groups:  # the start's totals (1, up to the float32 rounding of w⁰ = 1/6)
+            assert abs(float(v[g].sum() - w0[g].sum())) < 1e-15 and abs(float(v[g].sum()) - 1) < 1e-7
+        ratio = v / w0
+        assert bool((ratio > 1 - 2 * BOUNDED_SCALE).all()) and bool((ratio < 1 + 2 * BOUNDED_SCALE).all())
+        want = torch.autograd.functional.jacobian(closed_form, phi)
+        got = torch.autograd.functional.jacobian(
+            lambda t: w.flatten(torch.func.functional_call(w, {"phi": t}, ())), phi)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_gated_weights_fix_ce_and_bound_each_gate() -> None:
@@ -767,6 +820,10 @@ def test_hdkd_bad_input() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="update_every"):
             HDKD(model, opt, update_every=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="warmup_steps"):
+        HDKD(model, opt, warmup_steps=-1)
+    with pytest.raises(TypeError, match="warmup_steps"):
+        HDKD(model, opt, warmup_steps=2.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="validation"):
         HDKD(model, opt, validation="kd")
     with pytest.raises(ValueError, match="ema_decay"):

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .._distributed import all_reduce_mean
 from .._pairs import pair_mask
 from .._types import LossWeights
-from .._validation import Logits, check_logits, check_positive_int, is_real
+from .._validation import Logits, check_count, check_logits, check_positive_int, is_real
 from ..modules import DenseKD
 from .hypergrad import (
     HYPERGRAD_MODES,
@@ -143,6 +143,9 @@ class HDKD:
         step_length: ``"free"`` (the plain look-ahead) or ``"fixed"``: the look-ahead's virtual step keeps
             its length whatever w, so the hypergradient only chooses the step's direction
             (:func:`~hdkd_fast.bilevel.hypergrad.weight_hypergradient`; one more forward per update).
+        warmup_steps: the weights stay at their start for the first ``warmup_steps`` calls (plain weighted
+            steps, no validation batch); updates follow on every ``update_every``-th call after them. 0
+            (default): from the first call.
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class HDKD:
         reuse_inner_gradient: bool | None = None,
         per_unit_lr: bool = True,
         step_length: str = "free",
+        warmup_steps: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
@@ -175,6 +179,7 @@ class HDKD:
         if hypergrad not in HYPERGRAD_MODES:
             raise ValueError(f"hypergrad must be one of {HYPERGRAD_MODES}; got {hypergrad!r}")
         update_every = check_positive_int(update_every, "update_every", "an int >= 1")
+        warmup_steps = check_count(warmup_steps, "warmup_steps", minimum=0)
         if step_length not in STEP_LENGTHS:
             raise ValueError(f"step_length must be one of {STEP_LENGTHS}; got {step_length!r}")
         if validation not in VALIDATION_OBJECTIVES:
@@ -207,6 +212,7 @@ class HDKD:
         self.weight_optimizer: torch.optim.Optimizer | None = weight_optimizer
         self.hypergrad: str = hypergrad
         self.update_every: int = update_every
+        self.warmup_steps: int = warmup_steps
         self.validation: str = validation
         self.ema_decay: float = float(ema_decay)
         self.reuse_inner_gradient: bool = reuse_inner_gradient
@@ -293,7 +299,8 @@ class HDKD:
 
     def will_update(self) -> bool:
         """Whether the next :meth:`step` updates φ (and so needs its validation batch)."""
-        return self.weight_optimizer is not None and self.calls % self.update_every == 0
+        calls = self.calls - self.warmup_steps
+        return self.weight_optimizer is not None and calls >= 0 and calls % self.update_every == 0
 
     def step(self, x: Tensor, y: Tensor, x_val: Tensor | None = None, y_val: Tensor | None = None
              ) -> dict[str, float]:

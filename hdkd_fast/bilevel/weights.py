@@ -15,7 +15,9 @@ from .._pairs import PairMask, PairSpec, pair_mask, selected_pairs
 from .._types import KDLosses, LossWeights
 from .._validation import check_positive_int
 
-PARAMETERIZATIONS = ("per_exit", "softmax", "softplus", "gated", "fixed")
+PARAMETERIZATIONS = ("per_exit", "softmax", "softplus", "gated", "bounded", "fixed")
+BOUNDED_SCALE = 0.3
+"""``"bounded"``'s β: every weight stays within (1 − 2β, 1 + 2β) of its start (L2W-DEN's 0.3)."""
 
 
 class HarmonizedWeights(nn.Module):
@@ -41,16 +43,23 @@ class HarmonizedWeights(nn.Module):
       :math:`w_p = w^0_p`, and :math:`w_p \in (0, 2 w^0_p)`). The bilevel step then only decides how much
       each teacher → student pair should distil; no exit's cross-entropy can be starved, and the search
       space holds both plain per-exit CE (every gate shut) and uniform dense KD (every gate at its start).
+    - ``"bounded"``: the weights of ``"per_exit"``'s start :math:`w^0`, each scaled within
+      :math:`(1 - 2\beta, 1 + 2\beta)` (:data:`BOUNDED_SCALE` β = 0.3, after L2W-DEN, Han et al. 2022):
+      :math:`w_o = w^0_o\,(1 + \beta\,(t_o - \bar t_{G_i}))` with :math:`t = \tanh\varphi` and
+      :math:`\bar t_{G_i} = \sum_{o \in G_i} w^0_o t_o / \sum_{o \in G_i} w^0_o`, so every exit's total
+      stays at its start (1) and no term can be switched off (or on beyond 1.6× its start): the look-ahead
+      only leans each exit's mixture, around uniform dense KD.
     - ``"fixed"``: constant weights (a buffer, no parameters): the fixed-weight baseline.
 
     Args:
         num_exits: K.
         pairs: the criterion's pair selection (``"dense"``, ``"last"``, ``"adjacent"`` or a boolean
             ``Tensor[K, K]`` mask); only these pairs get a weight.
-        parameterization: ``"per_exit"``, ``"softmax"``, ``"softplus"``, ``"gated"`` or ``"fixed"``.
+        parameterization: ``"per_exit"``, ``"softmax"``, ``"softplus"``, ``"gated"``, ``"bounded"`` or
+            ``"fixed"``.
         init: initial weights (positive, finite; entries of ``kd`` outside the pairs are ignored);
-            uniform 1 when ``None`` (``"per_exit"``: the start above). With ``"softmax"`` they are rescaled
-            to sum to ``n``, with ``"per_exit"`` each exit's to sum to 1.
+            uniform 1 when ``None`` (``"per_exit"`` and ``"bounded"``: the start above). With ``"softmax"``
+            they are rescaled to sum to ``n``, with ``"per_exit"`` and ``"bounded"`` each exit's to sum to 1.
 
     ``forward()`` returns ``LossWeights(ce: Tensor[K], kd: Tensor[K, K])`` (``kd`` is 0 outside the
     pairs); :meth:`vector` the same weights as one ``Tensor[n]`` in objective order.
@@ -90,6 +99,9 @@ class HarmonizedWeights(nn.Module):
             self.phi = nn.Parameter(w0.log())
         elif parameterization == "softplus":
             self.phi = nn.Parameter(w0 + torch.log(-torch.expm1(-w0)))  # softplus⁻¹(w)
+        elif parameterization == "bounded":
+            self.register_buffer("fixed", w0)
+            self.phi = nn.Parameter(torch.zeros(self.num_objectives))
         elif parameterization == "gated":
             self.register_buffer("fixed", w0[:num_exits].clone())
             self.register_buffer("gate_scale", 2 * w0[num_exits:])
@@ -101,7 +113,7 @@ class HarmonizedWeights(nn.Module):
         n, k = self.num_objectives, self.num_exits
         if init is None:
             w0 = torch.ones(n)
-            if self.parameterization == "per_exit":  # CE 1/2, teachers 1/2 between them (exit K: CE 1)
+            if self.parameterization in ("per_exit", "bounded"):  # CE 1/2, teachers 1/2 between them (exit K: CE 1)
                 teachers = torch.bincount(self.student, minlength=k).to(w0) - 1
                 w0[:k] = torch.where(teachers > 0, 0.5, 1.0)
                 w0[k:] = 0.5 / teachers[self.student[k:]]
@@ -118,7 +130,7 @@ class HarmonizedWeights(nn.Module):
             raise ValueError("init weights must be finite and > 0 on every objective")
         if self.parameterization == "softmax":
             w0 = w0 * (n / w0.sum())
-        if self.parameterization == "per_exit":
+        if self.parameterization in ("per_exit", "bounded"):
             w0 = w0 / w0.new_zeros(k).index_add(0, self.student, w0)[self.student]
         return w0
 
@@ -150,6 +162,10 @@ class HarmonizedWeights(nn.Module):
             return F.softplus(self.phi)
         if self.parameterization == "gated":
             return torch.cat((self.fixed, self.gate_scale * torch.sigmoid(self.phi)))
+        if self.parameterization == "bounded":  # w0 (1 + β (t − t̄ of the exit)), t̄ weighted by w0
+            w0, t, k, student = self.fixed, torch.tanh(self.phi), self.num_exits, self.student
+            mean = t.new_zeros(k).index_add(0, student, w0 * t) / w0.new_zeros(k).index_add(0, student, w0)
+            return w0 * (1 + BOUNDED_SCALE * (t - mean[student]))
         return self.fixed
 
     def forward(self) -> LossWeights:
