@@ -48,7 +48,7 @@ from .checkpoint import (
 )
 from .config import RESUME_FIELDS, TrainConfig
 from .evaluate import collect_logits, final_summary, split_metrics
-from .methods import Batch, TrainMethod, cycle, method_class
+from .methods import Batch, TrainMethod, cycle, method_class, teacher_path
 from .report import FINAL_FILE as FINAL
 from .report import METRICS_FILE as METRICS
 
@@ -116,7 +116,8 @@ def _settings_and_data(config: TrainConfig, ctx: dist_utils.Context) -> tuple[Tr
 CALIBRATION_WARMUP = 3
 """Steps :func:`step_time` trains before it starts the clock (lazy initialisation, kernel selection)."""
 CALIBRATION_STEPS = 20
-"""Steps :func:`step_time` times (rounded up to a multiple of ``update_every``: whole HDKD periods)."""
+"""Steps :func:`step_time` times (rounded up to a multiple of the method's
+:attr:`~hdkd_fast.training.methods.TrainMethod.step_period`: whole HDKD periods)."""
 
 
 def step_time(config: TrainConfig) -> float:
@@ -132,7 +133,7 @@ def step_time(config: TrainConfig) -> float:
             raise ValueError("step_time runs in one process; do not start it with torchrun")
         config, data = _settings_and_data(config.validate(), ctx)
         run = _Trainer(config, ctx, data)
-        period = config.update_every
+        period = run.method.step_period
         timed = -(-CALIBRATION_STEPS // period) * period
         run.loader.set_epoch(0)
         run.val_loader.set_epoch(0)
@@ -400,7 +401,8 @@ def _method(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimi
             input_shape: tuple[int, ...] | None = None) -> TrainMethod:
     """The run's training method (its teacher loaded from a finished run when the method needs one)."""
     cls = method_class(config.method)
-    teacher = load_teacher(config.teacher, num_classes, input_shape).to(device) if config.teacher else None
+    path = teacher_path(config.options) if cls.needs_teacher else None
+    teacher = load_teacher(path, num_classes, input_shape).to(device) if path else None
     return cls(model, optimizer, config, num_exits, autocast, teacher=teacher)
 
 
