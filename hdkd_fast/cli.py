@@ -308,16 +308,16 @@ def _evaluate_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .training.loop import FINAL, evaluate_run
-    from .training.report import compare_runs
+    from .training.final import finish_from_checkpoint
+    from .training.report import FINAL_FILE, compare_runs
 
     runs = [Path(r) for r in [*args.runs, *args.compare]]
     if not runs:
         raise ValueError("give at least one run directory")
     for run in runs:
-        if not (run / FINAL).exists():
-            print(f"{run}: no {FINAL}; evaluating its checkpoint")
-            evaluate_run(run, device=args.device)
+        if not (run / FINAL_FILE).exists():
+            print(f"{run}: no {FINAL_FILE}; evaluating its checkpoint")
+            finish_from_checkpoint(run, device=args.device)
     if len(runs) == 1:
         _print_runs(runs)
         return 0

@@ -24,8 +24,8 @@ import torch.multiprocessing as mp
 from hdkd_fast.cli import main
 from hdkd_fast.training import TrainConfig, loop, method_class, train
 from hdkd_fast.training import checkpoint as checkpoint_module
-from hdkd_fast.training.checkpoint import CHECKPOINT, load_checkpoint
-from hdkd_fast.training.loop import load_teacher
+from hdkd_fast.training.checkpoint import CHECKPOINT, load_checkpoint, load_teacher
+from hdkd_fast.training.context import run_data
 from hdkd_fast.training.methods import option_owners
 from hdkd_fast.training.report import read_final, read_metrics
 
@@ -358,10 +358,10 @@ def test_label_noise_is_recorded_and_trained_on(tmp_path: Path, one_thread: None
     assert (stored["label_noise"], stored["label_noise_validation"]) == (0.5, False)
     assert load_checkpoint(run)["config"]["label_noise"] == 0.5
     config = TrainConfig.from_json(stored)
-    noisy, clean = loop._run_data(config), loop._run_data(dataclasses.replace(config, label_noise=0.0))
+    noisy, clean = run_data(config), run_data(dataclasses.replace(config, label_noise=0.0))
     assert (noisy.train.labels != clean.train.labels).any()
     assert torch.equal(noisy.val.labels, clean.val.labels) and torch.equal(noisy.test.labels, clean.test.labels)
-    both = loop._run_data(dataclasses.replace(config, label_noise_validation=True))
+    both = run_data(dataclasses.replace(config, label_noise_validation=True))
     assert torch.equal(both.train.labels, noisy.train.labels) and (both.val.labels != clean.val.labels).any()
 
 

@@ -62,8 +62,9 @@ from .._validation import check_count
 from ..data.load import dataset_name
 from .checkpoint import CHECKPOINT, load_checkpoint, writing
 from .config import NEUTRAL_FIELDS, OPTIONS_KEY, TrainConfig, options_class, split_flat_options
-from .loop import CONFIG, step_time, train
+from .loop import step_time, train
 from .methods import MethodOptions, method_class, option_owners
+from .records import CONFIG
 from .report import FINAL_FILE, flop_unit, format_markdown_rows, format_text_rows, read_final, read_json
 
 COMPARISON_JSON = "comparison.json"
