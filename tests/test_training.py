@@ -404,6 +404,21 @@ def test_config_options_belong_to_the_method() -> None:
     assert TrainConfig.from_json({**flat, "method": "dbt"}).options.dbt_schedule == "constant"
 
 
+def test_a_checkpoint_of_the_flat_layout_resumes(tmp_path: Path, one_thread: None) -> None:
+    """A checkpoint written before method options (every method's options beside the shared settings) is
+    resumed with its method's options; the run's files are then of the current layout."""
+    run = tmp_path / "run"
+    cli_train(*FAST, "--method", "dbt", "--dbt-schedule", "constant", "--epochs", "1", "--out", run)
+    state = torch.load(run / CHECKPOINT, weights_only=True)
+    options = state["config"].pop("method_options")
+    state["config"].update(options, update_every=16, teacher=None, feature_weight=1.0)
+    torch.save(state, run / CHECKPOINT)
+    assert load_checkpoint(run)["config"]["dbt_schedule"] == "constant"
+    cli_train("--resume", "--out", run, "--epochs", "2", "--no-progress")
+    assert json.loads((run / "config.json").read_text())["method_options"] == {"dbt_schedule": "constant"}
+    assert [r["temperature"] for r in read_metrics(run)] == [4.0, 4.0]  # constant: --temperature
+
+
 def test_load_teacher(tmp_path: Path, one_thread: None) -> None:
     run = tmp_path / "teacher"
     cli_train(*FAST, "--method", "ce", "--epochs", "1", "--gradient-equilibrium", "--out", run)
