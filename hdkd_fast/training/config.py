@@ -116,7 +116,7 @@ class TrainConfig:
         elif not isinstance(options, cls):
             raise TypeError(f"options must be the Options of method {method!r} ({cls.__qualname__}); got "
                             f"{type(options).__qualname__} (config.for_method() switches a config's method)")
-        self.options = dataclasses.replace(options, **settings) if settings else options
+        self.options = dataclasses.replace(options, **settings)  # a copy: configs never share one
 
     def for_method(self, method: str, options: MethodOptions | None = None) -> TrainConfig:
         """A copy that trains ``method`` with ``options`` (default: this config's options when ``method`` is

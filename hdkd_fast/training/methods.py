@@ -138,7 +138,7 @@ class TrainMethod:
             raise ValueError(f"method {self.name!r} takes no teacher model; got {type(teacher).__name__}")
         if not isinstance(config.options, self.Options):
             raise TypeError(f"config.options must be the options of method {self.name!r} "
-                            f"({_qualname(self.Options)}); got {_qualname(type(config.options))}")
+                            f"({self.Options.__qualname__}); got {type(config.options).__qualname__}")
         self.options = config.options
         self.model = model
         self.module: nn.Module = model.module if isinstance(model, DistributedDataParallel) else model
@@ -287,10 +287,6 @@ def teacher_path(options: MethodOptions) -> str | None:
     """The teacher checkpoint of a method that :attr:`~TrainMethod.needs_teacher` (its ``teacher`` option)."""
     path = getattr(options, "teacher", None)
     return None if path is None else str(path)
-
-
-def _qualname(cls: type) -> str:
-    return getattr(cls, "__qualname__", cls.__name__)
 
 
 def _detach(logits: Logits) -> Logits:
