@@ -10,20 +10,29 @@ import argparse
 import dataclasses
 import os
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 from ._ext_loader import ExtensionBuildError
 from .backends import backend_choices
-from .bilevel.hdkd import VALIDATION_OBJECTIVES
-from .bilevel.hypergrad import HYPERGRAD_MODES, STEP_LENGTHS
-from .bilevel.weights import PARAMETERIZATIONS
 from .data.load import DATASETS, IDX_DATASETS
 from .evaluation import BUDGET_PROTOCOLS
 from .models.zoo import model_names, registered_models
 from .training.compare import EQUAL_TIME_DIR, MAX_SEEDS, RERUN_FLAG
-from .training.config import AMP_MODES, DBT_SCHEDULES, DEVICES, NEUTRAL_FIELDS, RESUME_FIELDS, SCHEDULES, TrainConfig
-from .training.methods import method_names
+from .training.config import (
+    AMP_MODES,
+    DEVICES,
+    NEUTRAL_FIELDS,
+    RESUME_FIELDS,
+    SCHEDULES,
+    SHARED_SETTINGS,
+    TrainConfig,
+    check_method_options,
+    options_class,
+)
+from .training.methods import METHODS, MethodOptions, method_names, option_names, option_owners
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,31 +137,50 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=backend_choices(), default=d.backend,
                    help="backend of the fused dense-KD op")
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes (image folders)")
-    g = p.add_argument_group("hdkd (harmonized weights)")
-    g.add_argument("--hypergrad", choices=HYPERGRAD_MODES, default=d.hypergrad,
-                   help="auto: fd (one-sided difference of the logits) for float32 logits, jvp under bf16")
-    g.add_argument("--weight-lr", type=float, default=d.weight_lr,
-                   help="Adam lr of the weights φ per training step: an update every n steps takes n× this lr")
-    g.add_argument("--weight-parameterization", choices=PARAMETERIZATIONS, default=d.weight_parameterization,
-                   help="per_exit: each exit's CE and KD weights sum to 1; softmax: all weights share one "
-                        "fixed sum; gated: CE weights fixed, one gate per KD pair")
-    g.add_argument("--step-length", choices=STEP_LENGTHS, default=d.step_length,
-                   help="fixed: the look-ahead step keeps its length, so the weights only choose its direction")
-    g.add_argument("--update-every", type=int, default=d.update_every,
-                   help="update φ on every n-th step; the others cost a dkd step")
-    g.add_argument("--validation", choices=VALIDATION_OBJECTIVES, default=d.validation)
-    g = p.add_argument_group("other methods")
-    g.add_argument("--dbt-schedule", choices=DBT_SCHEDULES, default=d.dbt_schedule,
-                   help="dbt: temperature from the teacher's outputs (paper) or --temperature")
-    g.add_argument("--feature-weight", type=float, default=d.feature_weight, help="ekd: attention-distillation weight")
-    g.add_argument("--teacher", default=None, help="erde: run directory or checkpoint.pt of the teacher")
-    g.add_argument("--entropy-weight", type=float, default=d.entropy_weight, help="erde: entropy-term weight")
-    g.add_argument("--uncertainty-lambda", type=float, default=d.uncertainty_lambda, help="dkd-uncertainty: λ")
-    g.add_argument("--gradient-equilibrium", action="store_true", help="IMTA gradient rescaling (any method)")
+    p.add_argument("--gradient-equilibrium", action="store_true", help="IMTA gradient rescaling (any method)")
     p.add_argument("--budget-protocol", choices=tuple(BUDGET_PROTOCOLS), default=d.budget_protocol,
                    help="q sweep of final.json's budgeted evaluation: q = p/20, p = 1..40 (imta) or 1..39 (msdnet)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _method_option_groups(p)
     p.set_defaults(run=_train)
+
+
+def _method_option_groups(p: argparse.ArgumentParser) -> None:
+    """One argument group per registered method with options: a flag per field of its ``Options``
+    (``--`` + the name with ``-`` for ``_``; the field's type, choices, default and help). An option that
+    several methods share (an inherited ``Options`` field) is listed in the first one's group."""
+    listed: set[str] = set()
+    for name in METHODS:
+        cls = options_class(name)
+        fields = [f for f in dataclasses.fields(cls) if f.name not in listed]
+        if not fields:
+            continue
+        group = p.add_argument_group(f"--method {name}", f"options of method {name!r}: an error when it is not "
+                                     "the method trained (--method; compare: --methods)")
+        hints = typing.get_type_hints(cls)
+        for f in fields:
+            listed.add(f.name)
+            owners = option_owners(f.name)
+            text = f.metadata["help"].replace("%", "%%") + (f" (methods {', '.join(owners)})" if len(owners) > 1
+                                                            else "")
+            flag = _flag(f.name)
+            kind = _option_type(hints[f.name], f"{cls.__qualname__}.{f.name}")
+            if kind is bool:
+                action = argparse.BooleanOptionalAction if f.default else "store_true"
+                group.add_argument(flag, action=action, default=f.default, help=text)
+            else:
+                group.add_argument(flag, type=kind, choices=f.metadata["choices"], default=f.default, help=text)
+
+
+def _option_type(hint: object, where: str) -> type:
+    """The CLI type of an option annotated ``hint``: ``int``, ``float``, ``str`` or ``bool``, or one of them
+    ``| None``."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    if len(kinds) != 1 or kinds[0] not in (int, float, str, bool):
+        raise TypeError(f"{where}: a method option must be an int, float, str or bool (or None) for the CLI; "
+                        f"got {hint}")
+    return typing.cast(type, kinds[0])
 
 
 RESUME_OPTIONS = frozenset({"resume", "out", "device", *RESUME_FIELDS})
@@ -165,8 +193,10 @@ _UNSET = object()
 def _train(args: argparse.Namespace) -> int:
     from .training import train
 
+    given = _given_options(args.argv)
     if args.resume:
-        _check_resume_options(_given_options(args.argv))
+        _check_resume_options(given)
+    check_method_options(given & _option_dests(), [args.method])
     if args.download:
         from .data import download_dataset
 
@@ -178,15 +208,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
-    """The ``TrainConfig`` of the ``train`` options in ``args`` (each option's destination is a field)."""
+    """The ``TrainConfig`` of the ``train`` options in ``args`` (each option's destination is a shared setting
+    or an option of a method), with the options of ``args.method``."""
     val_size = args.val_size
     if val_size is not None and val_size >= 1:
         if val_size != int(val_size):
             raise ValueError(f"--val-size must be a whole count or a fraction below 1; got {val_size}")
         val_size = int(val_size)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} & vars(args).keys()
-    values = {name: getattr(args, name) for name in fields}
-    return TrainConfig(**{**values, "milestones": tuple(args.milestones), "val_size": val_size})
+    values = {name: getattr(args, name) for name in SHARED_SETTINGS if name in vars(args)}
+    return TrainConfig(**{**values, "milestones": tuple(args.milestones), "val_size": val_size},
+                       options=_options(args, args.method))
+
+
+def _options(args: argparse.Namespace, method: str) -> MethodOptions:
+    """The options of ``method`` in ``args`` (the defaults of those not given)."""
+    cls = options_class(method)
+    return cls(**{name: getattr(args, name) for name in option_names(cls)})
+
+
+def _option_dests() -> set[str]:
+    """The destinations of every method's options."""
+    return {name for cls in METHODS.values() for name in option_names(cls.Options)}
 
 
 def _given_options(argv: Sequence[str], compare: bool = False) -> set[str]:
@@ -238,7 +280,8 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from .training.compare import compare_methods, comparison_dir, comparison_title, format_comparison
 
-    refused = sorted(_given_options(args.argv, compare=True) & set(COMPARE_REFUSED))
+    given = _given_options(args.argv, compare=True)
+    refused = sorted(given & set(COMPARE_REFUSED))
     if refused:
         raise ValueError(f"compare sets the method and seed of each run and continues stopped runs itself; "
                          f"remove {', '.join(_flag(name) for name in refused)}")
@@ -249,8 +292,10 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError("--methods is required: the methods to compare")
     if not args.out:
         raise ValueError("--out is required: the comparison's directory (one run per method and seed inside)")
+    check_method_options(given & _option_dests(), args.methods)
     summaries = compare_methods(_config(args), args.methods, list(range(args.seeds)), args.out,
-                                rerun_changed=args.rerun_changed, equal_time=args.equal_time)
+                                rerun_changed=args.rerun_changed, equal_time=args.equal_time,
+                                method_options={m: _options(args, m) for m in args.methods})
     print(comparison_title(summaries))
     print(format_comparison(summaries))
     print(f"comparison files: {comparison_dir(args.out, args.equal_time)}")
@@ -269,16 +314,16 @@ def _evaluate_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .training.loop import FINAL, evaluate_run
-    from .training.report import compare_runs
+    from .training.final import finish_from_checkpoint
+    from .training.report import FINAL_FILE, compare_runs
 
     runs = [Path(r) for r in [*args.runs, *args.compare]]
     if not runs:
         raise ValueError("give at least one run directory")
     for run in runs:
-        if not (run / FINAL).exists():
-            print(f"{run}: no {FINAL}; evaluating its checkpoint")
-            evaluate_run(run, device=args.device)
+        if not (run / FINAL_FILE).exists():
+            print(f"{run}: no {FINAL_FILE}; evaluating its checkpoint")
+            finish_from_checkpoint(run, device=args.device)
     if len(runs) == 1:
         _print_runs(runs)
         return 0

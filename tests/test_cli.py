@@ -163,13 +163,13 @@ def test_every_method_trains_one_epoch(args: list[str], tmp_path: Path, capsys: 
         assert config["schedule"] == "cosine"
         assert read_metrics(tmp_path / "run")[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # T_max = 1 epoch
     if "--hypergrad" in args:
-        assert config["hypergrad"] == "fd"
+        assert config["method_options"]["hypergrad"] == "fd"
     if method in WEIGHTED:
         record = read_metrics(tmp_path / "run")[0]
         k = final["num_exits"]
         assert len(record["weights/ce"]) == k and len(record["weights/kd"]) == k
     if method == "erde":
-        assert config["teacher"] == str(request.getfixturevalue("teacher_run"))
+        assert config["method_options"]["teacher"] == str(request.getfixturevalue("teacher_run"))
 
 
 # --- evaluate -----------------------------------------------------------------------------------------------
@@ -253,6 +253,8 @@ def test_unknown_method_is_an_argparse_error(capsys: pytest.CaptureFixture[str])
     (["--val-size", "2.5"], ["--val-size", "2.5"]),
     (["--method", "erde"], ["method 'erde' needs --teacher"]),
     (["--method", "dkd", "--teacher", "somewhere"], ["--teacher is only used by method 'erde', not 'dkd'"]),
+    (["--method", "ce", "--update-every", "16"], ["--update-every is only used by method 'hdkd', not 'ce'"]),
+    (["--method", "hdkd", "--update-every", "0"], ["update_every must be >= 1", "got 0"]),
     (["--data-dir", "<tmp>/missing"], ["data_dir", "missing does not exist"]),
     (["--label-noise", "1"], ["--label-noise", "must be a probability in [0, 1)", "got 1.0"]),
     (["--label-noise", "nan"], ["--label-noise", "got nan"]),

@@ -35,6 +35,7 @@ from hdkd_fast.training.compare import (
     run_dir,
 )
 from hdkd_fast.training.config import TrainConfig
+from hdkd_fast.training.methods import method_class
 from hdkd_fast.training.report import FINAL_FILE, read_final, read_metrics
 
 pytest.importorskip("sklearn")  # the embedded digits
@@ -96,6 +97,8 @@ def test_compare_reuses_finished_runs_and_resumes_stopped_ones(tmp_path: Path,
     (["--seeds", "2"], "--methods is required"),
     (["--methods", "ce", "ce"], "methods lists a method more than once"),
     (["--methods", "ce", "dkd", "--teacher", "somewhere"], "--teacher is only used by method 'erde', not 'ce'"),
+    (["--methods", "ce", "hdkd", "--dbt-schedule", "constant"],
+     "--dbt-schedule is only used by method 'dbt', not 'ce' or 'hdkd'"),
 ])
 def test_compare_errors_write_nothing(args: list[str], message: str, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
@@ -273,6 +276,27 @@ def test_compare_reruns_changed_runs_when_asked(finished: Path, tmp_path: Path,
     assert capsys.readouterr().out.count("finished earlier, reusing") == 2
 
 
+def test_compare_keeps_each_methods_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 24 item 2: every method of a comparison trains with its own options (its argument group), stored
+    under ``method_options``; a run with other options is refused by the option's flag, and a run whose
+    ``config.json`` has the flat layout of earlier versions is read and reused."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "ce", "dbt", "--seeds", "1", "--out", str(out), *FAST]
+    assert main([*argv, "--dbt-schedule", "constant"]) == 0
+    stored = json.loads((run_dir(out, "dbt", 0) / "config.json").read_text())
+    assert stored["method_options"] == {"dbt_schedule": "constant"}
+    assert json.loads((run_dir(out, "ce", 0) / "config.json").read_text())["method_options"] == {}
+    assert read_metrics(run_dir(out, "dbt", 0))[0]["temperature"] == 4.0  # constant: --temperature
+    expect_error(capsys, argv, f"{run_dir(out, 'dbt', 0)} was trained with other settings: --dbt-schedule "
+                 "constant (asked adaptive)")
+    flat = {key: value for key, value in stored.items() if key != "method_options"}
+    flat.update(dbt_schedule="constant", update_every=16, teacher=None)  # every method's options, as before
+    (run_dir(out, "dbt", 0) / "config.json").write_text(json.dumps(flat))
+    capsys.readouterr()
+    assert main([*argv, "--dbt-schedule", "constant"]) == 0
+    assert capsys.readouterr().out.count("finished earlier, reusing") == 2
+
+
 _TOGETHER = """
 import sys, time
 from pathlib import Path
@@ -420,6 +444,30 @@ def test_equal_time_refuses_a_calibration_of_other_settings(tmp_path: Path, caps
     assert json.loads((run_dir(root, "dkd", 0) / "config.json").read_text())["epochs"] == 3
     with pytest.raises(ValueError, match="the step time of ce must be a finite number of seconds > 0; got nan"):
         compare_methods(EQUAL, ["ce"], [0], tmp_path / "other", equal_time=True, step_cost=Costs(ce=math.nan))
+
+
+def test_equal_time_compares_each_methods_options(tmp_path: Path) -> None:
+    """A method's step time is kept with the options it was measured with (calibration.json's
+    ``method_options``); other options are refused by flag, and the flat layout of earlier versions is read."""
+    out, config = tmp_path / "cmp", dataclasses.replace(EQUAL, epochs=1)
+    path = out / EQUAL_TIME_DIR / CALIBRATION_JSON
+    constant = {"dbt": method_class("dbt").Options(dbt_schedule="constant")}
+    compare_methods(config, ["ce", "dbt"], [0], out, method_options=constant, equal_time=True,
+                    step_cost=Costs(ce=0.01, dbt=0.01), log=lambda _: None)
+    stored = json.loads(path.read_text())
+    assert stored["method_options"] == {"ce": {}, "dbt": {"dbt_schedule": "constant"}}
+    with pytest.raises(ValueError, match=r"was measured with other settings: --dbt-schedule constant \(asked "
+                       r"adaptive\)"):
+        compare_methods(config, ["ce", "dbt"], [0], out, equal_time=True, step_cost=Costs(), log=lambda _: None)
+    flat = {"settings": {**stored["settings"], "dbt_schedule": "constant", "update_every": 16, "teacher": None},
+            "step_time_s": stored["step_time_s"]}
+    path.write_text(json.dumps(flat))
+    logs: list[str] = []
+    compare_methods(config, ["ce", "dbt"], [0], out, method_options=constant, equal_time=True, step_cost=Costs(),
+                    log=logs.append)
+    assert "step times measured earlier" in logs[0]
+    with pytest.raises(ValueError, match=r"method_options has the options of \['hdkd'\]"):
+        compare_methods(config, ["ce"], [0], out, method_options={"hdkd": method_class("hdkd").Options()})
 
 
 def test_compare_equal_time_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,20 +1,26 @@
 """The training-method registry: a toy method written in this one file plus one registration line is a
 ``--method`` choice, passes ``TrainConfig.validate``, trains through ``hdkd-fast train`` with its hooks
 honoured (validation batches, the exit criterion of the budgeted evaluation, a loss parameter in the
-optimizer, state in the checkpoint), and leaves no trace once unregistered.
+optimizer, state in the checkpoint), has its own option (declared in its ``Options`` here and nowhere else:
+a flag in its own argument group of the CLI, checked by the config, recorded in ``config.json`` and the
+checkpoint, kept by ``--resume``), and leaves no trace once unregistered.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from cli_helpers import expect_error
 from torch import Tensor, nn
 
+from hdkd_fast._validation import check_positive
 from hdkd_fast.cli import main
 from hdkd_fast.modules import DenseKD
 from hdkd_fast.training import (
@@ -27,7 +33,7 @@ from hdkd_fast.training import (
     unregister_method,
 )
 from hdkd_fast.training.checkpoint import load_checkpoint
-from hdkd_fast.training.methods import Batch
+from hdkd_fast.training.methods import Batch, MethodOptions, option
 from hdkd_fast.training.report import read_final, read_metrics
 
 pytest.importorskip("sklearn")  # the embedded digits
@@ -43,8 +49,15 @@ class ScaledCrossEntropy(TrainMethod):
     uses_validation_batches = True
     exit_criterion = "entropy"
 
+    @dataclasses.dataclass
+    class Options(MethodOptions):
+        toy_scale: float = option(1.0, "the loss scale e^s starts at this value", check=check_positive)
+
+    options: Options
+
     def make_criterion(self) -> nn.Module:
-        self.log_scale = nn.Parameter(torch.zeros((), device=self.device()))
+        start = math.log(self.options.toy_scale)
+        self.log_scale = nn.Parameter(torch.full((), start, device=self.device()))
         self.val_batches = 0
         no_pairs = torch.zeros(self.num_exits, self.num_exits, dtype=torch.bool)
         return DenseKD(self.num_exits, pairs=no_pairs, kd_weight=0.0, backend=self.config.backend)
@@ -90,20 +103,45 @@ def test_toy_method_is_a_choice_everywhere(toy: str, capsys: pytest.CaptureFixtu
     assert toy in capsys.readouterr().out
 
 
+FAST = ["--limit", "64", "--batch-size", "32", "--device", "cpu", "--no-progress", "--backend", "torch"]
+
+
 def test_toy_method_trains_and_resumes(toy: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
-    fast = ["--limit", "64", "--batch-size", "32", "--device", "cpu", "--no-progress", "--backend", "torch"]
-    assert main(["train", "--method", toy, "--out", str(run), "--epochs", "1", *fast]) == 0
+    assert main(["train", "--method", toy, "--toy-scale", "2", "--out", str(run), "--epochs", "1", *FAST]) == 0
     assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--no-progress"]) == 0
     capsys.readouterr()
     first, second = read_metrics(run)
     assert first["toy/val_batches"] == 2 and second["toy/val_batches"] == 4  # restored, then 2 more steps
-    assert first["toy/log_scale"] != 0.0  # the loss parameter is in the model's optimizer
+    assert first["toy/log_scale"] != math.log(2.0)  # the loss parameter is in the model's optimizer
     state = load_checkpoint(run)
     assert state["method"]["log_scale"] == pytest.approx(second["toy/log_scale"])
     assert len(state["optimizer"]["param_groups"]) == 2
     assert read_final(run)["budget"]["criterion"] == "entropy"
-    assert json.loads((run / "config.json").read_text())["method"] == toy
+    stored = json.loads((run / "config.json").read_text())
+    assert (stored["method"], stored["method_options"]) == (toy, {"toy_scale": 2.0})
+    assert state["config"]["method_options"] == {"toy_scale": 2.0}  # what --resume continued with
+
+
+def test_toy_method_option_is_declared_once(toy: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 24 item 2: the option in the toy's ``Options`` (this file) is a flag of the method's own argument
+    group, a keyword of ``TrainConfig``, checked by ``validate`` with an error naming it, and refused with
+    another method."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    group = capsys.readouterr().out.split(f"--method {toy}:")[1]
+    assert "--toy-scale TOY_SCALE" in group and "the loss scale e^s starts at this value" in group
+    assert TrainConfig(method=toy, toy_scale=0.5).validate().options == ScaledCrossEntropy.Options(0.5)
+    assert TrainConfig(method=toy).options.toy_scale == 1.0
+    with pytest.raises(ValueError, match=r"^toy_scale must be finite and > 0; got -1"):
+        TrainConfig(method=toy, toy_scale=-1.0).validate()
+    out = ["--out", str(tmp_path / "run"), "--epochs", "1", *FAST]
+    expect_error(capsys, ["train", "--method", toy, "--toy-scale", "-1", *out], "toy_scale must be finite and > 0")
+    expect_error(capsys, ["train", "--method", "ce", "--toy-scale", "2", *out],
+                 f"--toy-scale is only used by method {toy!r}, not 'ce'")
+    with pytest.raises(ValueError, match=f"--toy-scale is only used by method {toy!r}, not 'ce'"):
+        TrainConfig(method="ce", toy_scale=2.0)
+    assert not (tmp_path / "run").exists()
 
 
 def test_unregistered_method_is_gone(capsys: pytest.CaptureFixture[str]) -> None:
@@ -114,6 +152,9 @@ def test_unregistered_method_is_gone(capsys: pytest.CaptureFixture[str]) -> None
         main(["train", "--method", NAME, "--no-progress"])
     assert exited.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--toy-scale" not in capsys.readouterr().out
 
 
 def test_registration_errors(toy: str) -> None:
@@ -129,6 +170,27 @@ def test_registration_errors(toy: str) -> None:
         register_method(Nameless)
     with pytest.raises(ValueError, match="name must be one of"):
         unregister_method("no-such-method")
+
+    class Clash(TrainMethod):
+        name = "clash"
+
+        @dataclasses.dataclass
+        class Options(MethodOptions):
+            toy_scale: float = option(2.0, "another meaning")
+
+    with pytest.raises(ValueError, match=f"method {NAME!r} has an option of that name already"):
+        register_method(Clash)
+
+    class Undocumented(TrainMethod):
+        name = "undocumented"
+
+        @dataclasses.dataclass
+        class Options(MethodOptions):
+            strength: float = 1.0
+
+    with pytest.raises(TypeError, match=r"Undocumented\.Options\.strength needs a help text"):
+        register_method(Undocumented)
+    assert "clash" not in method_names() and "undocumented" not in method_names()
 
 
 def test_teacher_rule_follows_the_class_attribute() -> None:

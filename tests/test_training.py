@@ -22,10 +22,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hdkd_fast.cli import main
-from hdkd_fast.training import TrainConfig, loop, train
+from hdkd_fast.training import TrainConfig, loop, method_class, train
 from hdkd_fast.training import checkpoint as checkpoint_module
-from hdkd_fast.training.checkpoint import CHECKPOINT, load_checkpoint
-from hdkd_fast.training.loop import load_teacher
+from hdkd_fast.training.checkpoint import CHECKPOINT, load_checkpoint, load_teacher
+from hdkd_fast.training.context import run_data
+from hdkd_fast.training.methods import option_owners
 from hdkd_fast.training.report import read_final, read_metrics
 
 pytest.importorskip("sklearn")  # the embedded digits
@@ -321,8 +322,11 @@ BAD_FIELDS: dict[str, Any] = {
 
 @pytest.mark.parametrize(("name", "value"), list(BAD_FIELDS.items()), ids=list(BAD_FIELDS))
 def test_config_rejects_a_bad_field(name: str, value: Any) -> None:
+    """A shared setting, or an option of the method that owns it (``TrainConfig(method=owner)``)."""
+    owners = option_owners(name)
     with pytest.raises((ValueError, TypeError), match=rf"^{name} must"):
-        dataclasses.replace(TrainConfig(), **{name: value}).validate()
+        config = TrainConfig(method=owners[0]) if owners else TrainConfig()
+        dataclasses.replace(config, **{name: value}).validate()
 
 
 def test_config_rejects_bad_combinations() -> None:
@@ -332,6 +336,10 @@ def test_config_rejects_bad_combinations() -> None:
         TrainConfig(method="erde").validate()
     with pytest.raises(ValueError, match="--teacher is only used by method 'erde', not 'hdkd'"):
         TrainConfig(teacher="run").validate()
+    with pytest.raises(ValueError, match="--update-every is only used by method 'hdkd', not 'dbt'"):
+        TrainConfig(method="dbt", update_every=2)
+    with pytest.raises(TypeError, match="unknown setting 'bogus'"):
+        TrainConfig(bogus=1)
     with pytest.raises(ValueError, match=r"milestones must be .* in \(0, 1\)"):
         TrainConfig(milestones=(0.5, 1.0)).validate()
     for p in (1.0, 1.5, -0.1, float("nan")):
@@ -350,10 +358,10 @@ def test_label_noise_is_recorded_and_trained_on(tmp_path: Path, one_thread: None
     assert (stored["label_noise"], stored["label_noise_validation"]) == (0.5, False)
     assert load_checkpoint(run)["config"]["label_noise"] == 0.5
     config = TrainConfig.from_json(stored)
-    noisy, clean = loop._run_data(config), loop._run_data(dataclasses.replace(config, label_noise=0.0))
+    noisy, clean = run_data(config), run_data(dataclasses.replace(config, label_noise=0.0))
     assert (noisy.train.labels != clean.train.labels).any()
     assert torch.equal(noisy.val.labels, clean.val.labels) and torch.equal(noisy.test.labels, clean.test.labels)
-    both = loop._run_data(dataclasses.replace(config, label_noise_validation=True))
+    both = run_data(dataclasses.replace(config, label_noise_validation=True))
     assert torch.equal(both.train.labels, noisy.train.labels) and (both.val.labels != clean.val.labels).any()
 
 
@@ -362,14 +370,53 @@ def test_config_json_round_trip() -> None:
                          milestones=(0.25, 0.5, 0.9), val_size=0.2, limit=100, channels_last=False,
                          gradient_equilibrium=True, extra={"note": [1, 2]}).validate()
     data = json.loads(json.dumps(config.to_json()))
+    assert data["method_options"] == {"teacher": "runs/ce", "entropy_weight": 1.0} and "teacher" not in data
     assert TrainConfig.from_json(data) == config
     assert TrainConfig.from_json(TrainConfig().to_json()) == TrainConfig()
     with pytest.raises(ValueError, match=r"unknown config keys \['bogus'\]"):
         TrainConfig.from_json({**data, "bogus": 1})
+    with pytest.raises(ValueError, match=r"unknown method_options \['update_every'\] of method 'erde'"):
+        TrainConfig.from_json({**data, "method_options": {"update_every": 2}})
     with pytest.raises(ValueError, match="resolved\\(\\) needs the dataset name"):
         TrainConfig().resolved()
     assert TrainConfig(dataset="digits").resolved().epochs == 12
     assert TrainConfig(dataset="cifar10").resolved().model == "msdnet"
+
+
+def test_config_options_belong_to_the_method() -> None:
+    """Issue 24 item 2: the method's options are an instance of its ``Options``; keywords fill them, the
+    method is switched by ``for_method``, and the flat ``config.json`` of earlier versions is still read."""
+    config = TrainConfig(method="hdkd", update_every=3, epochs=2)
+    assert config.options == method_class("hdkd").Options(update_every=3)
+    assert dataclasses.replace(config, weight_lr=0.5).options.weight_lr == 0.5
+    assert TrainConfig(method="hdkd", options=config.options, hypergrad="fd").options.update_every == 3
+    dbt = config.for_method("dbt")
+    assert (dbt.method, dbt.epochs, dbt.options) == ("dbt", 2, method_class("dbt").Options())
+    assert dbt.for_method("hdkd").options == method_class("hdkd").Options()  # the defaults, not config's
+    with pytest.raises(TypeError, match="options must be the Options of method 'dbt'"):
+        dataclasses.replace(config, method="dbt")
+    assert config.settings()["update_every"] == 3 and config.settings()["epochs"] == 2
+    flat = {key: value for key, value in config.to_json().items() if key != "method_options"}
+    flat.update(hypergrad="auto", weight_lr=0.01, weight_parameterization="per_exit", step_length="free",
+                update_every=3, validation="ce", dbt_schedule="constant", feature_weight=1.0, teacher=None,
+                entropy_weight=1.0, uncertainty_lambda=2.0)  # every method's options, as written before
+    assert TrainConfig.from_json(flat) == config
+    assert TrainConfig.from_json({**flat, "method": "dbt"}).options.dbt_schedule == "constant"
+
+
+def test_a_checkpoint_of_the_flat_layout_resumes(tmp_path: Path, one_thread: None) -> None:
+    """A checkpoint written before method options (every method's options beside the shared settings) is
+    resumed with its method's options; the run's files are then of the current layout."""
+    run = tmp_path / "run"
+    cli_train(*FAST, "--method", "dbt", "--dbt-schedule", "constant", "--epochs", "1", "--out", run)
+    state = torch.load(run / CHECKPOINT, weights_only=True)
+    options = state["config"].pop("method_options")
+    state["config"].update(options, update_every=16, teacher=None, feature_weight=1.0)
+    torch.save(state, run / CHECKPOINT)
+    assert load_checkpoint(run)["config"]["dbt_schedule"] == "constant"
+    cli_train("--resume", "--out", run, "--epochs", "2", "--no-progress")
+    assert json.loads((run / "config.json").read_text())["method_options"] == {"dbt_schedule": "constant"}
+    assert [r["temperature"] for r in read_metrics(run)] == [4.0, 4.0]  # constant: --temperature
 
 
 def test_load_teacher(tmp_path: Path, one_thread: None) -> None:

@@ -1,4 +1,6 @@
-"""Atomic checkpoints, their safe loading, and the random-number state a bit-exact ``--resume`` needs.
+"""Checkpoints of a training run: what one holds (:func:`save_checkpoint`), its atomic write, its safe
+loading, restoring a run from it (:func:`restore_checkpoint`, :func:`resumed_config`), the random-number
+state a bit-exact ``--resume`` needs, and the frozen model of a finished run (:func:`load_teacher`).
 
 A checkpoint is read with ``torch.load(..., weights_only=True)``: only tensors and plain containers and
 numbers are unpickled, never arbitrary objects (a crafted file cannot run code), and its structure is
@@ -8,18 +10,26 @@ checked field by field, so a damaged or foreign file is a ``ValueError`` naming 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
 from .._validation import check_count, check_nonnegative
-from .config import TrainConfig
+from ..distill import GradientEquilibrium
+from ..models.base import MultiExitModule
+from ..models.zoo import build_model
+from .config import RESUME_FIELDS, TrainConfig
+
+if TYPE_CHECKING:  # annotations only: the context and the methods lie above the checkpoints
+    from .context import RunContext
+    from .methods import TrainMethod
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -157,6 +167,90 @@ def _check_rngs(rngs: object) -> None:
             raise TypeError(f"{where}: 'cuda' must be a list of generator-state tensors")
         if not isinstance(entry["python"], tuple):
             raise TypeError(f"{where}: 'python' must be the tuple of random.getstate()")
+
+
+class Resumable(Protocol):
+    """What a checkpoint saves and restores: a training run's objects and counters."""
+
+    step: int
+    """Training steps done."""
+    elapsed: float
+    """Seconds of training so far."""
+
+    @property
+    def context(self) -> RunContext: ...  # the configuration, the data, the model, the process
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler: ...
+    @property
+    def method(self) -> TrainMethod: ...
+    @property
+    def generator(self) -> torch.Generator: ...  # the data generator (augmentation)
+
+
+def _parts(run: Resumable) -> dict[str, Any]:
+    """The checkpoint's state-dict fields (:data:`_STATE_DICTS`) and the objects they come from."""
+    return {"model": run.context.model, "optimizer": run.optimizer, "scheduler": run.scheduler, "method": run.method}
+
+
+def save_checkpoint(path: str | os.PathLike[str], run: Resumable, epoch: int, rngs: list[dict[str, Any]]) -> Path:
+    """Write the checkpoint of ``run`` after ``epoch`` epochs atomically (:func:`save_atomic`); ``rngs``: every
+    rank's :func:`rng_state`, in rank order. Its fields: ``version, config, epoch, step, time_s, num_classes,
+    input_shape, model, optimizer, scheduler, method, rng``."""
+    context = run.context
+    state = {"version": CHECKPOINT_VERSION, "config": context.config.to_json(), "epoch": epoch, "step": run.step,
+             "time_s": run.elapsed, "num_classes": context.data.num_classes,
+             "input_shape": list(context.data.input_shape),
+             **{name: part.state_dict() for name, part in _parts(run).items()}, "rng": rngs}
+    return save_atomic(state, path)
+
+
+def restore_checkpoint(state: dict[str, Any], path: str | os.PathLike[str], run: Resumable) -> int:
+    """Load the checkpoint ``state`` (read from ``path``) into ``run``: its objects, this rank's
+    random-number state, ``run.step`` and ``run.elapsed``; returns the epochs it had trained."""
+    rngs, dist = state["rng"], run.context.dist
+    if len(rngs) != dist.world_size:
+        raise ValueError(f"the checkpoint was written by {len(rngs)} processes; resume it with as many "
+                         f"(this run has {dist.world_size})")
+    for field, target in _parts(run).items():
+        restore_field(path, field, target.load_state_dict, state[field])
+    restore_field(path, "rng", lambda rng: set_rng_state(rng, run.generator), rngs[dist.rank])
+    run.step, run.elapsed = int(state["step"]), float(state["time_s"])
+    return int(state["epoch"])
+
+
+def resumed_config(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
+    """The stored configuration of the run in ``config.out`` with the :data:`RESUME_FIELDS` of ``config``
+    (``epochs`` only when given), and its checkpoint."""
+    if not config.out:
+        raise ValueError("resume needs the run directory (--out)")
+    state = load_checkpoint(config.out)
+    stored = TrainConfig.from_json(state["config"])
+    taken = {name: getattr(config, name) for name in RESUME_FIELDS if getattr(config, name) is not None}
+    config = dataclasses.replace(stored, out=config.out, **taken)
+    if config.epochs is not None and config.epochs < int(state["epoch"]):
+        raise ValueError(f"--epochs {config.epochs} is below the {state['epoch']} epochs the checkpoint in "
+                         f"{config.out!r} has already trained")
+    return config, state
+
+
+def load_teacher(path: str, num_classes: int, input_shape: tuple[int, ...] | None = None) -> MultiExitModule:
+    """The frozen model of a finished run (its directory or ``checkpoint.pt``), for ``erde``; it must predict
+    ``num_classes`` classes and (when given) take images of ``input_shape``."""
+    state = load_checkpoint(path)
+    cfg = TrainConfig.from_json(state["config"])
+    if state["num_classes"] != num_classes:
+        raise ValueError(f"teacher {path!r} predicts {state['num_classes']} classes but the data has {num_classes}")
+    if input_shape is not None and tuple(state["input_shape"]) != tuple(input_shape):
+        raise ValueError(f"teacher {path!r} takes images of shape {tuple(state['input_shape'])} but the data's are "
+                         f"{tuple(input_shape)}")
+    weights: dict[str, Tensor] = state["model"]
+    if cfg.gradient_equilibrium:
+        weights = GradientEquilibrium.wrapped_state_dict(weights)
+    teacher = build_model(cfg.model or "", num_classes, tuple(state["input_shape"]))
+    restore_field(path, "model", teacher.load_state_dict, weights)
+    return teacher.eval().requires_grad_(False)
 
 
 def restore_field(path: str | os.PathLike[str], field: str, load: Callable[[Any], object], value: Any) -> None:

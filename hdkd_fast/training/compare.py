@@ -61,9 +61,10 @@ from filelock import FileLock, Timeout
 from .._validation import check_count, is_real
 from ..data.load import dataset_name
 from .checkpoint import CHECKPOINT, load_checkpoint, writing
-from .config import NEUTRAL_FIELDS, TrainConfig
-from .loop import CONFIG, step_time, train
-from .methods import method_class
+from .config import NEUTRAL_FIELDS, OPTIONS_KEY, TrainConfig, options_class, split_flat_options
+from .loop import step_time, train
+from .methods import MethodOptions, method_class, option_owners
+from .records import CONFIG
 from .report import FINAL_FILE, flop_unit, format_markdown_rows, format_text_rows, read_final, read_json
 
 COMPARISON_JSON = "comparison.json"
@@ -84,7 +85,8 @@ CALIBRATION_JSON = "calibration.json"
 """The seconds per training step of an equal-time comparison's methods and the settings they were measured
 under, in its directory."""
 CALIBRATION_EXCLUDED = (*NEUTRAL_FIELDS, "method", "seed", "epochs")
-"""The settings a calibration does not depend on (not compared when ``calibration.json`` is reused)."""
+"""The settings a calibration does not depend on (not compared when ``calibration.json`` is reused); each
+method's options are compared with its own stored ones."""
 
 Action = Literal["reuse", "resume", "train"]
 
@@ -115,14 +117,16 @@ def comparison_dir(out: str | Path, equal_time: bool = False) -> Path:
 
 
 def compare_methods(config: TrainConfig, methods: Sequence[str], seeds: Sequence[int], out: str | Path, *,
-                    rerun_changed: bool = False, equal_time: bool = False,
-                    step_cost: Callable[[TrainConfig], float] = step_time,
+                    method_options: Mapping[str, MethodOptions] | None = None, rerun_changed: bool = False,
+                    equal_time: bool = False, step_cost: Callable[[TrainConfig], float] = step_time,
                     log: Callable[[str], None] = print) -> dict[str, MethodSummary]:
     """Train (or reuse) ``config`` with every method of ``methods`` and every seed of ``seeds`` in
     :func:`comparison_dir`, then write and return the per-method summaries (see the module docstring).
 
-    ``config.method``, ``config.seed`` and ``config.out`` are replaced per run (and ``config.epochs`` per method
-    with ``equal_time``, from the seconds per training step ``step_cost(config)`` of each method's ``config``).
+    ``config.method`` (and its options: ``method_options[method]``, else ``config.options`` for
+    ``config.method`` and the defaults for the others), ``config.seed`` and ``config.out`` are replaced per
+    run (and ``config.epochs`` per method with ``equal_time``, from the seconds per training step
+    ``step_cost(config)`` of each method's ``config``).
     The settings of every method and the stored settings of every existing run are checked before the first
     run trains: a stored run (or calibration) with other settings than ``config`` (or an unusable record) is
     a ``ValueError`` naming it, unless ``rerun_changed``, which trains it (measures it) again from scratch.
@@ -139,13 +143,17 @@ def compare_methods(config: TrainConfig, methods: Sequence[str], seeds: Sequence
         check_count(seed, "seed", minimum=0)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be a non-empty list of distinct seeds; got {list(seeds)}")
+    options = dict(method_options or {})
+    stray = sorted(set(options) - set(methods))
+    if stray:
+        raise ValueError(f"method_options has the options of {stray}, which methods does not list")
     root = comparison_dir(out, equal_time)
     epochs: dict[str, int | None] = dict.fromkeys(methods, config.epochs)
     step_times: dict[str, float | None] = dict.fromkeys(methods)
 
     def request(method: str, seed: int) -> TrainConfig:
-        return dataclasses.replace(config, method=method, seed=seed, out=str(run_dir(root, method, seed)),
-                                   epochs=epochs[method])
+        return dataclasses.replace(config.for_method(method, options.get(method)), seed=seed,
+                                   out=str(run_dir(root, method, seed)), epochs=epochs[method])
 
     for method in methods:
         method_class(method)  # names the bad one
@@ -218,12 +226,18 @@ def _calibration(root: Path, requests: Mapping[str, TrainConfig], step_cost: Cal
     stored (see the module docstring); under the comparison's lock."""
     path = root / CALIBRATION_JSON
     settings = _calibration_settings(next(iter(requests.values())))
+    options = {m: config.options.to_json() for m, config in requests.items()}
     stored: dict[str, float] = {}
+    stored_options: dict[str, dict[str, Any]] = {}
     if path.exists():
         try:
-            old_settings, stored = _read_calibration(path)
+            old_settings, stored_options, stored = _read_calibration(path)
             differences = {name: (old_settings.get(name), settings.get(name)) for name in {*old_settings, *settings}
                            if old_settings.get(name) != settings.get(name)}
+            for method in (m for m in requests if m in stored):  # the options a stored time was measured with
+                old = stored_options.get(method, {})
+                differences.update({name: (old.get(name), value) for name, value in options[method].items()
+                                    if old.get(name) != value})
             problem = _differ(f"{path} was measured", differences)
             if problem is not None:
                 raise ValueError(problem)
@@ -232,7 +246,7 @@ def _calibration(root: Path, requests: Mapping[str, TrainConfig], step_cost: Cal
                 raise ValueError(f"{exc}; pass {RERUN_FLAG} to measure the step times again (runs whose epochs "
                                  "change are trained again), or choose another --out") from exc
             log(f"{exc}; measuring the step times again")
-            stored = {}
+            stored, stored_options = {}, {}
     missing = [m for m in requests if m not in stored]
     if not missing:
         log(f"step times measured earlier, reusing {path}")
@@ -241,23 +255,30 @@ def _calibration(root: Path, requests: Mapping[str, TrainConfig], step_cost: Cal
     measured = {}
     for method in ([anchor] if anchor is not None else []) + missing:
         log(f"measuring the training step time of {method} on a short timed run")
-        measured[method] = step_cost(requests.get(method) or dataclasses.replace(requests[missing[0]], method=method))
+        measured[method] = step_cost(requests.get(method) or requests[missing[0]].for_method(
+            method, options_class(method)(**stored_options.get(method, {}))))
         if not (math.isfinite(measured[method]) and measured[method] > 0):
             raise ValueError(f"the step time of {method} must be a finite number of seconds > 0; got "
                              f"{measured[method]!r}")
     scale = stored[anchor] / measured[anchor] if anchor is not None else 1.0  # into the stored times' units
     stored.update({m: measured[m] * scale for m in missing})
+    stored_options = {**{m: o for m, o in stored_options.items() if m in stored}, **options}
     with writing(path):
-        path.write_text(json.dumps({"settings": settings, "step_time_s": stored}, indent=2, allow_nan=False) + "\n")
+        path.write_text(json.dumps({"settings": settings, OPTIONS_KEY: stored_options, "step_time_s": stored},
+                                   indent=2, allow_nan=False) + "\n")
     return {m: stored[m] for m in requests}
 
 
 def _calibration_settings(config: TrainConfig) -> dict[str, Any]:
-    return {name: value for name, value in config.to_json().items() if name not in CALIBRATION_EXCLUDED}
+    """The shared settings a calibration depends on (the method's options are stored per method)."""
+    return {name: value for name, value in config.to_json().items()
+            if name not in CALIBRATION_EXCLUDED and name != OPTIONS_KEY}
 
 
-def _read_calibration(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
-    """The settings and step times of ``calibration.json``, checked; a ``ValueError`` names the file."""
+def _read_calibration(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, float]]:
+    """The settings, the options per method and the step times of ``calibration.json``, checked (one of
+    the flat layout before method options has every method's options in its settings); a ``ValueError``
+    names the file."""
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("settings"), dict) \
             or not isinstance(data.get("step_time_s"), dict):
@@ -266,7 +287,13 @@ def _read_calibration(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
     for method, value in times.items():
         if not is_real(value) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{path}: 'step_time_s.{method}' must be a finite number of seconds > 0; got {value!r}")
-    return data["settings"], {m: float(t) for m, t in times.items()}
+    settings, options = data["settings"], data.get(OPTIONS_KEY)
+    if options is None:  # the flat layout
+        settings, flat = split_flat_options(settings)
+        options = {m: {name: flat[name] for name in flat if m in option_owners(name)} for m in times}
+    if not isinstance(options, dict) or not all(isinstance(o, dict) for o in options.values()):
+        raise ValueError(f"{path}: '{OPTIONS_KEY}' must map methods to objects of their options")
+    return settings, options, {m: float(t) for m, t in times.items()}
 
 
 @contextlib.contextmanager
@@ -376,9 +403,13 @@ def resolved_request(stored: TrainConfig, config: TrainConfig) -> TrainConfig:
 
 def setting_differences(stored: TrainConfig, config: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """The settings of a stored run that differ from the request ``config`` (resolved as its run would be:
-    :func:`resolved_request`), as ``{field: (stored, asked)}``; the :data:`NEUTRAL_FIELDS` are not compared."""
-    old, new = stored.to_json(), resolved_request(stored, config).to_json()
-    return {name: (old[name], new[name]) for name in old if name not in NEUTRAL_FIELDS and old[name] != new[name]}
+    :func:`resolved_request`), as ``{name: (stored, asked)}`` (the shared settings and the method's options,
+    :meth:`TrainConfig.settings`; one the other lacks is ``None``); the :data:`NEUTRAL_FIELDS` are not
+    compared."""
+    old, new = stored.settings(), resolved_request(stored, config).settings()
+    names = [*old, *(name for name in new if name not in old)]
+    return {name: (old.get(name), new.get(name)) for name in names
+            if name not in NEUTRAL_FIELDS and old.get(name) != new.get(name)}
 
 
 def summarize(runs: Sequence[Path], seeds: list[int], step_time_s: float | None = None) -> MethodSummary:

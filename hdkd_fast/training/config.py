@@ -1,30 +1,34 @@
 """``TrainConfig``: every setting of one training run (the arguments of ``hdkd-fast train``).
 
-Written to ``config.json`` in the run directory and stored in every checkpoint, so ``--resume`` and
-``hdkd-fast evaluate`` rebuild exactly the same run.
+The settings every run has are fields of :class:`TrainConfig`; the selected method's own settings are its
+``options`` (an instance of the method's ``Options`` dataclass, :class:`~hdkd_fast.training.methods.MethodOptions`),
+so a method with a new setting is edited in one place (docs/methods.md). Written to ``config.json`` in the
+run directory (the options under ``method_options``) and stored in every checkpoint, so ``--resume`` and
+``hdkd-fast evaluate`` rebuild exactly the same run; a ``config.json`` or checkpoint of the flat layout
+before method options (every method's options beside the shared settings) is still read.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._validation import check_choice, check_count, check_nonnegative, check_positive
 from ..backends import backend_choices
-from ..bilevel.hdkd import VALIDATION_OBJECTIVES
-from ..bilevel.hypergrad import HYPERGRAD_MODES, STEP_LENGTHS
-from ..bilevel.weights import PARAMETERIZATIONS
 from ..data.load import IDX_DATASETS
 from ..data.noise import check_noise_rate
 from ..evaluation import BUDGET_PROTOCOLS, DEFAULT_BUDGET_PROTOCOL
-from .methods import METHODS, method_class
+from .methods import METHODS, MethodOptions, method_class, option_names, option_owners, teacher_path
 
 SCHEDULES = ("multistep", "cosine")
 AMP_MODES = ("auto", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
-DBT_SCHEDULES = ("adaptive", "constant")
+OPTIONS_KEY = "method_options"
+"""The key of the method's options in ``config.json`` and in a checkpoint's ``config``."""
 
 RESUME_FIELDS = ("epochs", "progress", "workers")
 """The settings ``train(config, resume=True)`` takes from ``config`` (besides ``out``, and ``device``, where
@@ -48,9 +52,15 @@ its last, the CIFAR MSDNet 2.99 M, 7 exits and 128 MFLOPs (a training step about
 ``--model msdnet`` for it)."""
 
 
-@dataclass
+@dataclass(init=False)
 class TrainConfig:
-    """Settings of one run; ``None`` means "the default for the dataset" (resolved by :meth:`resolved`)."""
+    """Settings of one run; ``None`` means "the default for the dataset" (resolved by :meth:`resolved`).
+
+    ``TrainConfig(method="hdkd", update_every=4, epochs=2)``: keywords are the shared settings (the fields
+    below) and the options of ``method`` (its ``Options`` fields, e.g. ``update_every``), which go into
+    :attr:`options`; ``options=`` gives them as an instance (keywords then override its fields). An option
+    of another method is a ``ValueError`` naming the methods that have it; :meth:`for_method` switches the
+    method (``dataclasses.replace(config, method=...)`` keeps the old method's options and is refused)."""
 
     method: str = "hdkd"
     dataset: str | None = None
@@ -82,27 +92,44 @@ class TrainConfig:
     channels_last: bool | None = None
     backend: str = "auto"
     workers: int = 0
-    # hdkd
-    hypergrad: str = "auto"
-    weight_lr: float = 1e-2
-    weight_parameterization: str = "per_exit"
-    step_length: str = "free"
-    update_every: int = 16  # bench/RESULTS.md (issue 23 item 2): 1.1× a ce run, the accuracy of every step
-    validation: str = "ce"
-    # dbt
-    dbt_schedule: str = "adaptive"
-    # ekd
-    feature_weight: float = 1.0
-    # erde
-    teacher: str | None = None
-    entropy_weight: float = 1.0
-    # dkd-uncertainty
-    uncertainty_lambda: float = 1.0
-    # any method
     gradient_equilibrium: bool = False
     budget_protocol: str = DEFAULT_BUDGET_PROTOCOL
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    options: MethodOptions = field(default_factory=MethodOptions)
+    """The options of :attr:`method`: an instance of its ``Options`` (``config.json``: ``method_options``)."""
+
+    def __init__(self, method: str = "hdkd", *, options: MethodOptions | None = None, **settings: Any) -> None:
+        cls = options_class(method)
+        for f in dataclasses.fields(TrainConfig):
+            if f.name in ("method", "options"):
+                continue
+            if f.name in settings:
+                setattr(self, f.name, settings.pop(f.name))
+            else:
+                setattr(self, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING
+                        else f.default)
+        self.method = method
+        check_method_options(settings, [method])
+        if options is None:
+            options = cls()
+        elif not isinstance(options, cls):
+            raise TypeError(f"options must be the Options of method {method!r} ({cls.__qualname__}); got "
+                            f"{type(options).__qualname__} (config.for_method() switches a config's method)")
+        self.options = dataclasses.replace(options, **settings)  # a copy: configs never share one
+
+    def for_method(self, method: str, options: MethodOptions | None = None) -> TrainConfig:
+        """A copy that trains ``method`` with ``options`` (default: this config's options when ``method`` is
+        :attr:`method`, else the method's defaults); every shared setting is kept."""
+        if options is None:
+            options = self.options if method == self.method else options_class(method)()
+        return dataclasses.replace(self, method=method, options=options)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting by name, flat: the shared ones (JSON values, as :meth:`to_json`) and the method's
+        options (their names are unique among the registered methods)."""
+        out = self.to_json()
+        return {**out.pop(OPTIONS_KEY), **out}
 
     def resolved(self) -> TrainConfig:
         """A copy with the dataset-dependent defaults filled in (``dataset`` must be known)."""
@@ -118,29 +145,28 @@ class TrainConfig:
         )
 
     def validate(self) -> TrainConfig:
-        """Check every field; raise a ``ValueError``/``TypeError`` naming the offending argument."""
+        """Check every field and the method's options; raise a ``ValueError``/``TypeError`` naming the
+        offending argument."""
         method = method_class(self.method)
         check_choice(self.schedule, "schedule", SCHEDULES)
         check_choice(self.amp, "amp", AMP_MODES)
         check_choice(self.device, "device", DEVICES)
-        check_choice(self.hypergrad, "hypergrad", HYPERGRAD_MODES)
-        check_choice(self.weight_parameterization, "weight_parameterization", PARAMETERIZATIONS)
-        check_choice(self.step_length, "step_length", STEP_LENGTHS)
-        check_choice(self.validation, "validation", VALIDATION_OBJECTIVES)
-        check_choice(self.dbt_schedule, "dbt_schedule", DBT_SCHEDULES)
         check_choice(self.budget_protocol, "budget_protocol", tuple(BUDGET_PROTOCOLS))
         check_choice(self.backend, "backend", backend_choices())
         check_count(self.batch_size, "batch_size", minimum=2)  # BatchNorm trains on two samples or more
-        check_count(self.update_every, "update_every")
         for name in ("epochs", "limit", "image_size", "train_size"):
             if getattr(self, name) is not None:
                 check_count(getattr(self, name), name)
         check_count(self.workers, "workers", minimum=0)
         check_count(self.seed, "seed", minimum=0)
-        for name in ("lr", "temperature", "weight_lr"):
+        for name in ("lr", "temperature"):
             check_positive(getattr(self, name), name)
-        for name in ("momentum", "weight_decay", "feature_weight", "entropy_weight", "uncertainty_lambda"):
+        for name in ("momentum", "weight_decay"):
             check_nonnegative(getattr(self, name), name)
+        if not isinstance(self.options, method.Options):  # set by hand after construction
+            raise TypeError(f"options must be the Options of method {self.method!r}; got "
+                            f"{type(self.options).__qualname__}")
+        self.options.validate()
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1]; got {self.gamma!r}")
         if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
@@ -153,26 +179,78 @@ class TrainConfig:
             raise ValueError("nesterov needs momentum > 0")
         if self.val_size is not None and (not isinstance(self.val_size, numbers.Real) or self.val_size <= 0):
             raise ValueError(f"val_size must be a positive count or a fraction in (0, 1); got {self.val_size!r}")
-        if method.needs_teacher and not self.teacher:
+        if method.needs_teacher and not teacher_path(self.options):
             raise ValueError(f"method {self.method!r} needs --teacher CHECKPOINT (a run directory or its "
                              "checkpoint.pt)")
-        if not method.needs_teacher and self.teacher:
-            teachers = " or ".join(repr(name) for name, cls in METHODS.items() if cls.needs_teacher)
-            raise ValueError(f"--teacher is only used by method {teachers}, not {self.method!r}")
         return self
 
     def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["milestones"] = list(self.milestones)
-        return out
+        """The JSON object of ``config.json``: the shared settings, with the options under ``method_options``."""
+        shared = {name: getattr(self, name) for name in SHARED_SETTINGS}
+        return {"method": self.method, OPTIONS_KEY: self.options.to_json(), **shared,
+                "milestones": list(self.milestones), "extra": copy.deepcopy(self.extra)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_json(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """The config of a :meth:`to_json` object; one of the flat layout before method options (no
+        ``method_options``: every method's options beside the shared settings) takes the options of its
+        method and drops the other methods'."""
+        values = dict(data)
+        method = values.get("method", "hdkd")
+        if OPTIONS_KEY in values:
+            given = values.pop(OPTIONS_KEY)
+            if not isinstance(given, Mapping):
+                raise TypeError(f"{OPTIONS_KEY} must be a JSON object; got {type(given).__name__}")
+            options = dict(given)
+            known = set(option_names(options_class(method)))
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise ValueError(f"unknown {OPTIONS_KEY} {unknown} of method {method!r}")
+        else:  # the flat layout
+            values, flat = split_flat_options(values)
+            options = {name: value for name, value in flat.items() if method in option_owners(name)}
+        unknown = sorted(set(values) - set(SHARED_SETTINGS))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}")
-        values = dict(data)
         if "milestones" in values:
             values["milestones"] = tuple(values["milestones"])
-        return cls(**values)
+        return cls(**values, **options)
+
+
+def split_flat_options(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``values`` of the flat layout before method options, split into the shared settings (and unknown
+    names) and the options of any registered method."""
+    owned = {name for name in values if name not in SHARED_SETTINGS and option_owners(name)}
+    return ({name: value for name, value in values.items() if name not in owned},
+            {name: value for name, value in values.items() if name in owned})
+
+
+def options_class(method: str) -> type[MethodOptions]:
+    """The ``Options`` of the registered ``method`` (a ``ValueError`` naming ``method`` and the choices
+    otherwise); its option names must not be shared settings (a ``TypeError`` naming the clash)."""
+    cls = method_class(method).Options
+    clash = sorted(set(option_names(cls)) & set(SHARED_SETTINGS))
+    if clash:
+        raise TypeError(f"method {method!r} declares the option(s) {clash}, which are settings of every run "
+                        "(TrainConfig fields): rename them")
+    return cls
+
+
+def check_method_options(given: Iterable[str], methods: Sequence[str]) -> None:
+    """Every name of ``given`` must be an option of one of ``methods``: an option of another method is a
+    ``ValueError`` naming the methods that have it (``--teacher is only used by method 'erde', not 'ce'``),
+    any other name a ``TypeError``."""
+    for name in given:
+        owners = option_owners(name)
+        if any(m in owners for m in methods):
+            continue
+        if not owners:
+            raise TypeError(f"TrainConfig got an unknown setting {name!r}: neither a setting of every run nor "
+                            f"an option of a method ({', '.join(METHODS)})")
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"{flag} is only used by method {' or '.join(map(repr, owners))}, not "
+                         f"{' or '.join(map(repr, methods))}")
+
+
+SHARED_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "options")
+"""The settings of every run (the :class:`TrainConfig` fields besides the method's ``options``)."""

@@ -15,7 +15,9 @@
 
 The methods are registered in :data:`METHODS` (``@register_method``); the CLI's ``--method`` choices, the
 config's check and the training run read that registry, and a method's needs from the run are class
-attributes of :class:`TrainMethod` (docs/design.md, "Adding a training method").
+attributes of :class:`TrainMethod` (docs/design.md, "Adding a training method"). A method's own settings
+are its ``Options`` dataclass (a :class:`MethodOptions`, fields declared with :func:`option`): the config
+holds the selected method's, the CLI gives every method an argument group of them (docs/methods.md).
 
 Every loss between exits is computed by the library's fused op (:class:`~hdkd_fast.DenseKD`,
 :func:`~hdkd_fast.dense_kd_losses` and the modules of :mod:`hdkd_fast.distill`); nothing here
@@ -25,7 +27,8 @@ re-implements one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -34,8 +37,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .._distributed import all_reduce_mean
-from .._validation import Logits, check_choice
+from .._validation import Logits, check_choice, check_count, check_nonnegative, check_positive
 from ..bilevel import HDKD, HarmonizedWeights
+from ..bilevel.hdkd import VALIDATION_OBJECTIVES
+from ..bilevel.hypergrad import HYPERGRAD_MODES, STEP_LENGTHS
+from ..bilevel.weights import PARAMETERIZATIONS
 from ..distill import DBTTemperature, DenseKDUncertainty, EKDLoss, ERDELoss
 from ..inference import Criterion
 from ..modules import DenseKD
@@ -45,6 +51,52 @@ if TYPE_CHECKING:  # the config lies above the methods: it takes its choices fro
 
 Batch = tuple[Tensor, Tensor]
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+OptionCheck = Callable[[Any, str], object]
+"""A check of one option's value: ``check(value, name)`` raises a ``ValueError``/``TypeError`` that names
+``name`` (e.g. :func:`~hdkd_fast._validation.check_positive`)."""
+DBT_SCHEDULES = ("adaptive", "constant")
+
+_O = TypeVar("_O", bound="MethodOptions")
+
+
+def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, check: OptionCheck | None = None) -> Any:
+    """One field of a method's :class:`MethodOptions` dataclass: its ``default``, its ``--help`` text, and
+    its check: the allowed values ``choices`` (also the CLI's choices) and/or ``check(value, name)``.
+
+    The field's name is the option's name in ``TrainConfig(...)``, ``config.json`` (under ``method_options``)
+    and the CLI (``--`` + the name with ``-`` for ``_``); its annotation (``int``, ``float``, ``str``,
+    ``bool``, or one of them ``| None``) is the CLI's type."""
+    metadata = {"help": help, "choices": None if choices is None else tuple(choices), "check": check}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass
+class MethodOptions:
+    """The settings one training method owns (none here: the options of ``ce`` and ``dkd``).
+
+    A method with settings declares a nested ``Options`` dataclass subclassing this one, each field made by
+    :func:`option` (default, help, check); :meth:`validate` runs every field's check, and a subclass
+    overrides it (calling ``super().validate()``) for checks across fields. ``TrainConfig`` holds the selected
+    method's options (``config.options``), ``config.json`` records them under ``method_options``, and the CLI
+    gives every method an argument group of them."""
+
+    def validate(self: _O) -> _O:
+        """Check every option (its ``choices`` and ``check``); a ``ValueError``/``TypeError`` names it."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("choices") is not None:
+                check_choice(value, f.name, f.metadata["choices"])
+            if f.metadata.get("check") is not None:
+                f.metadata["check"](value, f.name)
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def option_names(cls: type[MethodOptions]) -> tuple[str, ...]:
+    """The names of the options of ``cls`` (a :class:`MethodOptions` dataclass), in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 class TrainMethod:
@@ -62,8 +114,12 @@ class TrainMethod:
     """
 
     name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    """The method's settings: a :class:`MethodOptions` dataclass (none by default); ``self.options`` is the
+    run's instance (``config.options``)."""
     needs_teacher: ClassVar[bool] = False
-    """The method distills from a frozen teacher model (``TrainConfig.teacher``, required then and only then)."""
+    """The method distills from a frozen teacher model: its ``Options`` must have a ``teacher`` option (the
+    teacher's run directory or checkpoint), which the config requires."""
     uses_validation_batches: ClassVar[bool] = False
     """``step`` draws validation batches (each must hold two images or more per process, for BatchNorm)."""
     exit_criterion: ClassVar[Criterion] = "maxprob"
@@ -71,6 +127,8 @@ class TrainMethod:
 
     criterion: nn.Module
     """The method's loss module (:meth:`make_criterion`)."""
+    options: MethodOptions
+    """The run's options of this method (``config.options``, an instance of :attr:`Options`)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, num_exits: int,
                  autocast: Autocast, teacher: nn.Module | None = None) -> None:
@@ -78,6 +136,10 @@ class TrainMethod:
             raise ValueError(f"method {self.name!r} needs a teacher model (--teacher)")
         if not self.needs_teacher and teacher is not None:
             raise ValueError(f"method {self.name!r} takes no teacher model; got {type(teacher).__name__}")
+        if not isinstance(config.options, self.Options):
+            raise TypeError(f"config.options must be the options of method {self.name!r} "
+                            f"({self.Options.__qualname__}); got {type(config.options).__qualname__}")
+        self.options = config.options
         self.model = model
         self.module: nn.Module = model.module if isinstance(model, DistributedDataParallel) else model
         self.optimizer = optimizer
@@ -98,6 +160,12 @@ class TrainMethod:
     def parameters(self) -> list[nn.Parameter]:
         """Parameters of the loss itself that the model's optimizer trains (none by default)."""
         return []
+
+    @property
+    def step_period(self) -> int:
+        """The number of steps after which the cost of a step repeats (1; ``hdkd``: ``update_every``): a
+        timing of the method's steps covers whole periods."""
+        return 1
 
     def device(self) -> torch.device:
         """The device of the model's parameters."""
@@ -166,8 +234,31 @@ def register_method(cls: _M) -> _M:
         raise TypeError(f"{cls.__name__}.name must be a non-empty string; got {name!r}")
     if name in _METHODS:
         raise ValueError(f"a training method named {name!r} is already registered ({_METHODS[name].__name__})")
+    _check_options(cls)
     _METHODS[name] = cls
     return cls
+
+
+def _check_options(cls: type[TrainMethod]) -> None:
+    """``cls.Options`` must be a :class:`MethodOptions` dataclass whose every field has a default and a help
+    text, with a ``teacher`` option when ``cls.needs_teacher``; an option of the same name as another
+    method's must be that same field (an inherited ``Options``): one name, one flag, one meaning."""
+    options = cls.Options
+    where = f"{cls.__name__}.Options"
+    if not (isinstance(options, type) and issubclass(options, MethodOptions) and dataclasses.is_dataclass(options)):
+        raise TypeError(f"{where} must be a dataclass subclassing MethodOptions; got {options!r}")
+    for f in dataclasses.fields(options):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise TypeError(f"{where}.{f.name} needs a default (declare it with option(default, help))")
+        if not f.metadata.get("help"):
+            raise TypeError(f"{where}.{f.name} needs a help text (declare it with option(default, help))")
+        for other in _METHODS.values():
+            theirs = {g.name: g for g in dataclasses.fields(other.Options)}
+            if f.name in theirs and theirs[f.name] is not f:
+                raise ValueError(f"{where}.{f.name}: method {other.name!r} has an option of that name already "
+                                 f"(one flag, --{f.name.replace('_', '-')}); rename it")
+    if cls.needs_teacher and "teacher" not in option_names(options):
+        raise TypeError(f"{cls.__name__}.needs_teacher is set, so {where} must have a 'teacher' option")
 
 
 def unregister_method(name: str) -> None:
@@ -185,6 +276,17 @@ def method_class(name: str) -> type[TrainMethod]:
     """The class registered as ``name``; a ``ValueError`` naming ``method`` and the choices otherwise."""
     check_choice(name, "method", method_names())
     return _METHODS[name]
+
+
+def option_owners(name: str) -> tuple[str, ...]:
+    """The registered methods that have the option ``name`` (none: it is no method's)."""
+    return tuple(m for m, cls in _METHODS.items() if name in option_names(cls.Options))
+
+
+def teacher_path(options: MethodOptions) -> str | None:
+    """The teacher checkpoint of a method that :attr:`~TrainMethod.needs_teacher` (its ``teacher`` option)."""
+    path = getattr(options, "teacher", None)
+    return None if path is None else str(path)
 
 
 def _detach(logits: Logits) -> Logits:
@@ -217,12 +319,19 @@ class DistillationBasedTraining(TrainMethod):
 
     name = "dbt"
     criterion: DenseKD
+
+    @dataclasses.dataclass
+    class Options(MethodOptions):
+        dbt_schedule: str = option("adaptive", "temperature from the teacher's outputs (paper) or --temperature",
+                                   choices=DBT_SCHEDULES)
+
+    options: Options
     mix: ClassVar[float] = 0.5
     scale_exits: ClassVar[float] = 2 * 5
     """The loss is multiplied by ``scale_exits / K`` (the authors' ``global_scale``)."""
 
     def make_criterion(self) -> nn.Module:
-        adaptive = self.config.dbt_schedule == "adaptive"
+        adaptive = self.options.dbt_schedule == "adaptive"
         self.schedule = DBTTemperature() if adaptive else None
         scale = self.scale_exits / self.num_exits
         return DenseKD(self.num_exits, temperature=1.0 if adaptive else self.config.temperature,
@@ -276,20 +385,41 @@ class HarmonizedDenseDistillation(TrainMethod):
     uses_validation_batches = True
     criterion: DenseKD
 
+    @dataclasses.dataclass
+    class Options(MethodOptions):
+        hypergrad: str = option("auto", "auto: fd (one-sided difference of the logits) for float32 logits, jvp "
+                                "under bf16", choices=HYPERGRAD_MODES)
+        weight_lr: float = option(1e-2, "Adam lr of the weights φ per training step: an update every n steps "
+                                  "takes n× this lr", check=check_positive)
+        weight_parameterization: str = option(
+            "per_exit", "per_exit: each exit's CE and KD weights sum to 1; softmax: all weights share one fixed "
+            "sum; gated: CE weights fixed, one gate per KD pair", choices=PARAMETERIZATIONS)
+        step_length: str = option("free", "fixed: the look-ahead step keeps its length, so the weights only "
+                                  "choose its direction", choices=STEP_LENGTHS)
+        # bench/RESULTS.md (issue 23 item 2): 1.1× a ce run, the accuracy of every step
+        update_every: int = option(16, "update φ on every n-th step; the others cost a dkd step", check=check_count)
+        validation: str = option("ce", "the validation objective of the weights: Σ_k CE_k (ce), or each exit's "
+                                 "CE over its running mean (balanced)", choices=VALIDATION_OBJECTIVES)
+
+    options: Options
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        weights = HarmonizedWeights(self.num_exits, "dense",
-                                    parameterization=self.config.weight_parameterization).to(self.device())
+        o = self.options
+        weights = HarmonizedWeights(self.num_exits, "dense", parameterization=o.weight_parameterization)
+        weights = weights.to(self.device())
         self.hdkd = HDKD(
             self.model, self.optimizer, criterion=self.criterion, weights=weights,
-            weight_optimizer=torch.optim.Adam(weights.parameters(),
-                                              lr=self.config.weight_lr * self.config.update_every),
-            hypergrad=self.config.hypergrad, update_every=self.config.update_every,
-            validation=self.config.validation, step_length=self.config.step_length,
+            weight_optimizer=torch.optim.Adam(weights.parameters(), lr=o.weight_lr * o.update_every),
+            hypergrad=o.hypergrad, update_every=o.update_every, validation=o.validation, step_length=o.step_length,
         )
 
     def make_criterion(self) -> nn.Module:
         return DenseKD(self.num_exits, temperature=self.config.temperature, pairs="dense", backend=self.config.backend)
+
+    @property
+    def step_period(self) -> int:
+        return self.options.update_every
 
     def step(self, x: Tensor, y: Tensor, next_val: Callable[[], Batch]) -> tuple[float, Logits | None]:
         # A validation batch only for the steps that update the weights (every update_every-th): the others
@@ -322,8 +452,14 @@ class EmbeddedDistillation(TrainMethod):
 
     name = "ekd"
 
+    @dataclasses.dataclass
+    class Options(MethodOptions):
+        feature_weight: float = option(1.0, "attention-distillation weight", check=check_nonnegative)
+
+    options: Options
+
     def make_criterion(self) -> nn.Module:
-        return EKDLoss(temperature=self.config.temperature, feature_weight=self.config.feature_weight,
+        return EKDLoss(temperature=self.config.temperature, feature_weight=self.options.feature_weight,
                        backend=self.config.backend)
 
     def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Logits]:
@@ -341,10 +477,17 @@ class EntropyRegularizedDistillation(TrainMethod):
     exit_criterion = "entropy"
     teacher: nn.Module
 
+    @dataclasses.dataclass
+    class Options(MethodOptions):
+        teacher: str | None = option(None, "run directory or checkpoint.pt of the teacher (required)")
+        entropy_weight: float = option(1.0, "entropy-term weight", check=check_nonnegative)
+
+    options: Options
+
     def make_criterion(self) -> nn.Module:
         self.teacher.eval().requires_grad_(False)
         return ERDELoss(self.num_exits, _num_exits(self.teacher), temperature=self.config.temperature,
-                        entropy_weight=self.config.entropy_weight, backend=self.config.backend)
+                        entropy_weight=self.options.entropy_weight, backend=self.config.backend)
 
     def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Logits]:
         with torch.no_grad():
@@ -361,9 +504,16 @@ class UncertaintyWeightedDistillation(TrainMethod):
     name = "dkd-uncertainty"
     criterion: DenseKDUncertainty
 
+    @dataclasses.dataclass
+    class Options(MethodOptions):
+        uncertainty_lambda: float = option(1.0, "λ, the weight of the distillation terms",
+                                           check=check_nonnegative)
+
+    options: Options
+
     def make_criterion(self) -> nn.Module:
         return DenseKDUncertainty(self.num_exits, temperature=self.config.temperature,
-                                  lam=self.config.uncertainty_lambda, backend=self.config.backend).to(self.device())
+                                  lam=self.options.uncertainty_lambda, backend=self.config.backend).to(self.device())
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.criterion.parameters())
