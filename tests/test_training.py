@@ -100,7 +100,9 @@ def assert_same_runs(a: Path, b: Path) -> None:
     ["--method", "dbt"],
     ["--method", "dkd-uncertainty"],
     ["--method", "hdkd", "--label-noise", "0.4", "--label-noise-validation"],
-], ids=["hdkd", "hdkd-balanced", "hdkd-every-2", "dbt", "dkd-uncertainty", "hdkd-label-noise"])
+    # epoch 1 (3 steps) at the starting weights, updates from the resumed epoch 2 on
+    ["--method", "hdkd", "--weight-warmup-steps", "3", "--weight-parameterization", "bounded"],
+], ids=["hdkd", "hdkd-balanced", "hdkd-every-2", "dbt", "dkd-uncertainty", "hdkd-label-noise", "hdkd-warmup-bounded"])
 def test_two_epochs_equal_one_plus_resumed_one(args: list[str], tmp_path: Path, one_thread: None) -> None:
     a, b = tmp_path / "A", tmp_path / "B"
     cli_train(*FAST, *args, "--epochs", "2", "--out", a)

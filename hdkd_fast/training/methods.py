@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -393,13 +394,16 @@ class HarmonizedDenseDistillation(TrainMethod):
                                   "takes n× this lr", check=check_positive)
         weight_parameterization: str = option(
             "per_exit", "per_exit: each exit's CE and KD weights sum to 1; softmax: all weights share one fixed "
-            "sum; gated: CE weights fixed, one gate per KD pair", choices=PARAMETERIZATIONS)
+            "sum; gated: CE weights fixed, one gate per KD pair; bounded: per_exit's start, each weight kept "
+            "within 0.4-1.6x of it; fixed: no learning", choices=PARAMETERIZATIONS)
         step_length: str = option("free", "fixed: the look-ahead step keeps its length, so the weights only "
                                   "choose its direction", choices=STEP_LENGTHS)
         # bench/RESULTS.md (issue 23 item 2): 1.1× a ce run, the accuracy of every step
         update_every: int = option(16, "update φ on every n-th step; the others cost a dkd step", check=check_count)
         validation: str = option("ce", "the validation objective of the weights: Σ_k CE_k (ce), or each exit's "
                                  "CE over its running mean (balanced)", choices=VALIDATION_OBJECTIVES)
+        weight_warmup_steps: int = option(0, "the weights stay at their start for this many training steps, then "
+                                          "learn", check=functools.partial(check_count, minimum=0))
 
     options: Options
 
@@ -412,6 +416,7 @@ class HarmonizedDenseDistillation(TrainMethod):
             self.model, self.optimizer, criterion=self.criterion, weights=weights,
             weight_optimizer=torch.optim.Adam(weights.parameters(), lr=o.weight_lr * o.update_every),
             hypergrad=o.hypergrad, update_every=o.update_every, validation=o.validation, step_length=o.step_length,
+            warmup_steps=o.weight_warmup_steps,
         )
 
     def make_criterion(self) -> nn.Module:
