@@ -9,7 +9,7 @@ stage is reported and the later ones still run:
 - ``environment``: versions, the GPU, what ``hdkd_fast._C`` was built with (``hdkd_fast.info``), the
   backends and Liger-Kernel; fails when the fused backends the check needs are missing;
 - ``tests``: every backend available on the device against the float64 loop reference
-  (``tests/gpu_checks.py``: losses, gradients and JVPs, fp32/bf16/fp16, stacked and list inputs, every
+  (``tests/support/gpu_checks.py``: losses, gradients and JVPs, fp32/bf16/fp16, stacked and list inputs, every
   pair mode, ``detach_teacher=False``, ignore_index rows, K and C sweeps), in spawned worker processes
   (parallel Triton compiles; a crashing kernel takes down a worker, not the check); cases not started
   when the stage's budget runs out are reported as "not run";
@@ -50,9 +50,8 @@ from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ROOT / "tests"
-if str(TESTS) not in sys.path:  # tests/gpu_checks.py and tests/float64_reference.py (also in spawned workers)
-    sys.path.insert(0, str(TESTS))
+if str(ROOT) not in sys.path:  # the package tests.support (gpu_checks, float64_reference), here and in the workers
+    sys.path.insert(0, str(ROOT))
 
 SHARES = {"environment": 0.02, "tests": 0.30, "hdkd_step": 0.06, "train_cli": 0.10, "bench": 1.0}
 """Each stage's share of the budget left when it starts (the last stage takes the rest)."""
@@ -279,7 +278,7 @@ class Check:
 
     # -- tests ----------------------------------------------------------------------------------
     def tests(self, stage: Stage, deadline: float) -> tuple[bool, str]:
-        import gpu_checks
+        from tests.support import gpu_checks
 
         cases = gpu_checks.cases(self.backends(), self.device_type, tiny=self.dry)
         log(f"{len(cases)} cases; tolerances {gpu_checks.TOLERANCES}")
@@ -295,7 +294,7 @@ class Check:
 
     # -- HDKD.step ------------------------------------------------------------------------------
     def hdkd_step(self, stage: Stage, deadline: float) -> tuple[bool, str]:
-        import gpu_checks
+        from tests.support import gpu_checks
 
         calls = [(gpu_checks.check_hdkd_step, (backend, self.device_type), {"tiny": self.dry})
                  for backend in self.backends()]
@@ -470,7 +469,7 @@ def _call_kw(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], kwargs: d
 
 
 def _tolerances() -> dict[str, float]:
-    import gpu_checks
+    from tests.support import gpu_checks
 
     return dict(gpu_checks.TOLERANCES)
 

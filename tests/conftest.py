@@ -1,7 +1,5 @@
 import os
-import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +13,6 @@ if not torch.cuda.is_available():
 # vector store, which silently corrupted a compiled backward here. One cache per capability.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"hdkd_fast_torchinductor_{torch.backends.cpu.get_cpu_capability().lower()}"))
-
-sys.path.insert(0, str(Path(__file__).parent))  # tests import float64_reference directly
 
 
 # ---- every backend, one shared parametrization (after TRITON_INTERPRET is set: backends import triton) ----

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-from cli_helpers import expect_error
 from torch import Tensor, nn
 
 from hdkd_fast._validation import check_positive
@@ -35,6 +34,7 @@ from hdkd_fast.training import (
 from hdkd_fast.training.checkpoint import load_checkpoint
 from hdkd_fast.training.methods import Batch, MethodOptions, option
 from hdkd_fast.training.report import read_final, read_metrics
+from tests.support.cli_helpers import expect_error
 
 pytest.importorskip("sklearn")  # the embedded digits
 

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_helpers import expect_error
 from torch import nn
 
 from hdkd_fast.cli import main
@@ -24,6 +23,7 @@ from hdkd_fast.training import TrainConfig, method_class
 from hdkd_fast.training import checkpoint as checkpoint_module
 from hdkd_fast.training.checkpoint import CHECKPOINT, load_checkpoint
 from hdkd_fast.training.report import read_final, read_metrics
+from tests.support.cli_helpers import expect_error
 
 pytest.importorskip("sklearn")  # the embedded digits
 

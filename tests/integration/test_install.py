@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 USE = (
     "import torch, hdkd_fast as hk\n"
     "g = torch.Generator().manual_seed(0)\n"

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import expect_error
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -40,6 +39,7 @@ from hdkd_fast.data import (
     load_dataset,
 )
 from hdkd_fast.training.config import IDX_EPOCHS, TrainConfig
+from tests.support.cli_helpers import expect_error
 
 FAST = ["--limit", "96", "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-progress"]
 

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from cifar_files import dump, write_cifar10, write_cifar100
 from torch import Tensor
 
 from hdkd_fast.data import (
@@ -32,6 +31,7 @@ from hdkd_fast.data import (
 )
 from hdkd_fast.data.noise import NOISE_STREAM, TRAIN_SPLIT
 from hdkd_fast.data.splits import mix_seed
+from tests.support.cifar_files import dump, write_cifar10, write_cifar100
 
 CIFAR10_FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
 CIFAR100_FILES = ["train", "test", "meta"]

@@ -29,7 +29,7 @@ import hdkd_fast as hk
 from hdkd_fast import _ext_loader as L
 from hdkd_fast.backends import native_backend
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LIB_NAME = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]
 CONSTRUCTOR = r"""
 #include <stdio.h>

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cli_helpers import expect_error
 
 from hdkd_fast.cli import main
 from hdkd_fast.training import compare as compare_module
@@ -37,6 +36,7 @@ from hdkd_fast.training.compare import (
 from hdkd_fast.training.config import TrainConfig
 from hdkd_fast.training.methods import method_class
 from hdkd_fast.training.report import FINAL_FILE, read_final, read_metrics
+from tests.support.cli_helpers import expect_error
 
 pytest.importorskip("sklearn")  # the embedded digits
 
@@ -318,7 +318,7 @@ def test_two_compares_into_one_out_train_each_run_once(equal_time: bool, tmp_pat
             *(["--equal-time"] if equal_time else [])]
     root = out / EQUAL_TIME_DIR if equal_time else out
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]),
                                                      os.environ.get("PYTHONPATH")) if p)}
     procs = [subprocess.Popen([sys.executable, "-c", _TOGETHER, str(go), *argv], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]

@@ -21,13 +21,13 @@ from types import ModuleType
 
 import pytest
 import torch
-from cifar_files import write_cifar10, write_cifar100
-from cli_helpers import expect_error
 
 from hdkd_fast.backends import available_backends
 from hdkd_fast.cli import main
 from hdkd_fast.training.checkpoint import CHECKPOINT, load_checkpoint
 from hdkd_fast.training.report import read_final, read_metrics
+from tests.support.cifar_files import write_cifar10, write_cifar100
+from tests.support.cli_helpers import expect_error
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 needs_digits = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,

@@ -8,7 +8,6 @@ import math
 import warnings
 from collections.abc import Iterator
 
-import float64_reference as ref
 import pytest
 import torch
 from torch import Tensor, nn
@@ -18,6 +17,7 @@ import hdkd_fast as hk
 from hdkd_fast.bilevel import HDKD, HarmonizedWeights, hypergrad, weight_hypergradient
 from hdkd_fast.bilevel.hypergrad import InnerRule, ObjectiveSpec, inner_rules, virtual_step
 from hdkd_fast.bilevel.weights import BOUNDED_SCALE, PARAMETERIZATIONS
+from tests.support import float64_reference as ref
 
 K, D, H, C = 3, 7, 9, 5
 T = 2.0

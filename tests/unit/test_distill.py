@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from float64_reference import losses as reference_losses
 from torch import Tensor, nn
 
 from hdkd_fast.distill import (
@@ -32,6 +31,7 @@ from hdkd_fast.distill import (
 from hdkd_fast.inference import EarlyExit
 from hdkd_fast.models import MSDNet, MultiExitModule, StagedMultiExit, attach_exits, supports_exit_maps
 from hdkd_fast.models.base import ExitCallback, ExitMap, eval_mode
+from tests.support.float64_reference import losses as reference_losses
 
 F64 = torch.float64
 TOL: dict[str, Any] = dict(atol=1e-12, rtol=1e-10)

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_kernels_compile_offline_for_sm90(tmp_path: Path) -> None:

@@ -7,12 +7,12 @@ import os
 import subprocess
 import sys
 
-import float64_reference as R
 import pytest
 import torch
 
 import hdkd_fast as hk
 from hdkd_fast.backends import native_backend
+from tests.support import float64_reference as R
 
 if "native" not in hk.available_backends("cpu"):
     if os.environ.get("HDKD_FAST_REQUIRE_EXT", "").strip().lower() in ("1", "true", "yes", "on"):

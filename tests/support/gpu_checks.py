@@ -44,11 +44,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import float64_reference as R
 import torch
 from torch import Tensor
 
 import hdkd_fast as hk
+from tests.support import float64_reference as R
 
 DTYPES = ("float32", "bfloat16", "float16")
 LAYOUTS = ("stacked", "list")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import zlib
 
-import float64_reference as R
 import pytest
 import torch
 from torch.testing import assert_close
@@ -23,6 +22,7 @@ from hdkd_fast._validation import (
     is_int,
     is_real,
 )
+from tests.support import float64_reference as R
 
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 K_VALUES = (1, 2, 3, 5, 9)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "hdkd_fast"
+PACKAGE = Path(__file__).resolve().parents[2] / "hdkd_fast"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("_version", "_types", "_validation", "_pairs", "_distributed", "_ext_spec", "_ext_loader"),

@@ -16,11 +16,10 @@ from torch.testing import assert_close
 
 pytest.importorskip("triton")
 
-import float64_reference as R
-
 import hdkd_fast as hk
 from hdkd_fast.backends import get_backend, torch_backend
 from hdkd_fast.backends import triton_backend as TB
+from tests.support import float64_reference as R
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
