@@ -11,7 +11,7 @@ pointers and integers, constexprs, ``num_warps``) and compiled with ``triton.com
 the spilled bytes (``LOCAL``), the shared memory and the widths of the global loads in the SASS
 (read with the ``cuobjdump`` that Triton's wheel carries), all without device time.
 
-Exits 1 when a variant fails to compile. ``tests/test_triton_aot.py`` runs it in CI (the test suite
+Exits 1 when a variant fails to compile. ``tests/integration/test_triton_aot.py`` runs it in CI (the test suite
 itself runs Triton under the interpreter, so the compile needs a process of its own).
 """
 

@@ -3,7 +3,7 @@
 
 Not a pytest module (no ``test_`` prefix): the driver runs the cases in worker processes, each case
 returning one result row with its measured errors, so that a run on a lent GPU reports numbers, not
-only pass/fail. ``tests/test_gpu_check.py`` runs the whole script's dry run in the test suite.
+only pass/fail. ``tests/integration/test_gpu_check.py`` runs the whole script's dry run in the test suite.
 
 **Cases** (:func:`cases`), for every backend available on the device:
 
@@ -26,7 +26,7 @@ temperature out of (4, 1, 2.5) and a reduction out of (mean, sum, none), and che
    so fp16's subnormal gradients (C = 262144) compare what the format can hold;
 4. the JVP of every objective (``torch.func.jvp``) on the sampled rows.
 
-Rows are independent, so the reference (tests/float64_reference.py, plain loops) runs on at most
+Rows are independent, so the reference (tests/support/float64_reference.py, plain loops) runs on at most
 :data:`SAMPLE_ROWS` sampled rows (the first, the last, ignored ones, random ones) in float64 on the
 device. Errors are normwise, ‖got − want‖ / ‖want‖, against :data:`TOLERANCES`; a NaN or Inf anywhere
 in an output fails the case. Before each library call the device's caching allocator is handed a

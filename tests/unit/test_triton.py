@@ -24,7 +24,7 @@ from tests.support import float64_reference as R
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 RUNNABLE = TB.unavailable_reason(DEVICE) is None
-if not RUNNABLE:  # (the offline sm_90 compile is tests/test_triton_aot.py)
+if not RUNNABLE:  # (the offline sm_90 compile is tests/integration/test_triton_aot.py)
     pytest.skip(f"triton backend unavailable here: {TB.unavailable_reason(DEVICE)}", allow_module_level=True)
 
 F64 = {"rtol": 1e-9, "atol": 1e-11}
