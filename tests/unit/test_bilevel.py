@@ -80,7 +80,7 @@ def rel(a: Tensor, b: Tensor) -> float:
 def hand_hypergradient(model: MLP, opt: torch.optim.SGD, phi: Tensor, data: tuple[Tensor, ...],
                        fixed_length: bool = False) -> Tensor:
     """∂/∂φ Σ_k ce_k(θ'; x_v, y_v), θ' = one SGD step (momentum, dampening, nesterov, weight decay) on
-    Σ_o w_o l_o(θ; x, y), w = n·softmax(φ), objectives from tests/float64_reference (no hdkd_fast).
+    Σ_o w_o l_o(θ; x, y), w = n·softmax(φ), objectives from tests/support/float64_reference (no hdkd_fast).
     ``fixed_length``: the loss gradient g enters the step as g·‖g‖/‖g‖ with the numerator a constant."""
     x, y, x_val, y_val = data
     mask = ref.masks(K)["dense"]
