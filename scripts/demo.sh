@@ -7,12 +7,13 @@
 #   a 5 000-image training subset, 5 epochs, seeds 0 and 1 (`hdkd-fast compare`, two one-thread processes
 #   side by side sharing the six runs), tested on the 10 000 official test images. Its budget plot
 #   (compare_budget.png: accuracy against compute) rises with compute for every method.
-#   Measured on a 2-vCPU AMD EPYC VM (AVX2), 2026-12-07, while other jobs kept its load average at 4-7:
+#   Measured on a 2-vCPU Intel Xeon VM (AVX-512), 2026-12-07, while other jobs kept its load average at 4-7:
 #   the comparison took 5.7 min (train time per run: ce 95 s, dbt 80 s, hdkd 110 s), the whole script
 #   8.8 min with an existing .venv (set-up 3 min: pip reinstalls the package and recompiles the kernels).
 # - Without it: the embedded digits (scikit-learn's 8×8 handwritten digits, nothing to download), one run
-#   per method, about 2 minutes. Only 360 test images (one image = 0.28 points): the differences between
-#   the methods and the shape of the budget plot are noise there; the script says so.
+#   per method, about 1 min of training (measured under the same load). Only 360 test images (one image
+#   = 0.28 points): the differences between the methods and the shape of the budget plot are noise there;
+#   the script says so.
 #
 # DEMO_DATASET=digits (or fashion-mnist) picks the data set instead of detecting it. Extra arguments go to
 # every `hdkd-fast compare` / `hdkd-fast train` (e.g. `--epochs 10`).
