@@ -7,9 +7,10 @@
 #   a 5 000-image training subset, 5 epochs, seeds 0 and 1 (`hdkd-fast compare`, two one-thread processes
 #   side by side sharing the six runs), tested on the 10 000 official test images. Its budget plot
 #   (compare_budget.png: accuracy against compute) rises with compute for every method.
-#   Measured on a 2-vCPU Intel Xeon VM (AVX-512), 2026-12-07, while other jobs kept its load average at 4-7:
-#   the comparison took 5.7 min (train time per run: ce 95 s, dbt 80 s, hdkd 110 s), the whole script
-#   8.8 min with an existing .venv (set-up 3 min: pip reinstalls the package and recompiles the kernels).
+#   Measured from a fresh clone on a 2-vCPU Intel Xeon VM (AVX-512), 2026-12-07, while other jobs kept its
+#   load average at 5-6: 6.7 min in all, of which the set-up (new .venv, kernels compiled) 2.6 min and the
+#   comparison 4.1 min (train time per run: ce 62 s, dbt 61 s, hdkd 75 s). A rerun sets up again (pip
+#   reinstalls the package and recompiles the kernels: 3 min under load 4-7).
 # - Without it: the embedded digits (scikit-learn's 8×8 handwritten digits, nothing to download), one run
 #   per method, about 1 min of training (measured under the same load). Only 360 test images (one image
 #   = 0.28 points): the differences between the methods and the shape of the budget plot are noise there;
@@ -48,7 +49,7 @@ if [ "$dataset" = fashion-mnist ]; then
   echo "seeds; open circles: the single exits, bars: their spread over the seeds): $out/compare_budget.png"
   echo "per run (metrics.jsonl, final.json, exit_accuracy.png, budget.png; hdkd: weights.png): $out/<method>/seed<s>"
   echo "One short run per seed: this shows the pipeline and that later exits buy accuracy with compute; which"
-  echo "method is better takes longer runs and more seeds (README: Results on Fashion-MNIST)."
+  echo "method is better takes longer runs and more seeds (docs/results.md)."
 else
   for method in ce dbt hdkd; do
     echo "== hdkd-fast train --method $method --out $out/$method $*"
