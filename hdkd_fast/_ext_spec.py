@@ -24,6 +24,7 @@ import os
 import platform
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,20 @@ def cxx_flags() -> list[str]:
     if sys.platform == "win32":
         return ["/O2"]
     return ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+
+
+TORCH_NUMPY_WARNING = "Failed to initialize NumPy"
+"""The start of the warning ``import torch`` prints when numpy is not installed."""
+
+
+def import_torch() -> Any:
+    """``import torch`` without its "Failed to initialize NumPy" warning: no build here uses numpy, and
+    ``pip install --no-build-isolation -e ".[train]"`` (scripts/setup_env.sh) builds this package before
+    it installs the extras that bring numpy, so a new user would see the warning on every first install."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=TORCH_NUMPY_WARNING, category=UserWarning)
+        import torch
+    return torch
 
 
 def openmp_flags() -> list[str]:
@@ -293,6 +308,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="*", default=[], choices=[v.name for v in ISA_VARIANTS])
     parser.add_argument("--cuda", action="store_true")
     args = parser.parse_args(argv)
+    import_torch()  # before anything else imports it
     from setuptools import setup
 
     variants = [v for v in ISA_VARIANTS if v.name in args.variants]
