@@ -308,6 +308,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("equal_time", [False, True], ids=["plain", "equal-time"])
 def test_two_compares_into_one_out_train_each_run_once(equal_time: bool, tmp_path: Path) -> None:
     """Item 12: two processes started together into one --out: one trains ce/seed0, the other waits for its
@@ -369,6 +370,7 @@ class Costs:
 EQUAL = TrainConfig(limit=64, epochs=3, batch_size=32, device="cpu", progress=False, backend="torch")
 
 
+@pytest.mark.slow
 def test_equal_time_scales_the_epochs_by_the_step_times(tmp_path: Path) -> None:
     """The reference (first method) trains --epochs; dkd, twice as slow per step, 3 / 2 = 1.5 -> 2 epochs;
     dbt, ten times slower, 0.3 -> 1 (at least one). The calibration is kept: a second call measures nothing

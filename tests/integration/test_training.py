@@ -227,6 +227,7 @@ def test_resume_with_fewer_epochs_than_trained(tmp_path: Path, capsys: pytest.Ca
 # --- DDP on gloo --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_torchrun_two_gloo_processes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -279,6 +280,7 @@ def _uncertainty_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_uncertainty_alpha_identical_across_gloo_ranks(tmp_path: Path) -> None:
     mp.spawn(_uncertainty_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)

@@ -236,6 +236,7 @@ def test_torch_compile_fullgraph():
     assert_close(losses, hk.dense_kd_losses(z, y).kd.sum(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_in_a_fresh_process():
     """The first call of a fresh process compiles too (no backend import left for Dynamo to trace)."""
     code = (

@@ -271,6 +271,7 @@ def _runnable_variants(info: dict[str, object]) -> list[str]:
     return [cap for cap in order[: limit + 1] if cap in info["compiled_cpu_capabilities"]]  # type: ignore[operator]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="uses a POSIX subprocess environment")
 def test_cpu_instruction_set_variants_agree() -> None:
     """Every compiled variant this CPU runs (DEFAULT / AVX2 / AVX512, chosen like PyTorch via
