@@ -18,12 +18,20 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
+
+# An editable install (scripts/setup_env.sh: pip install -e) of this flat layout makes setuptools warn that a
+# folder of the working directory named like the package may take precedence over it during imports. Here
+# that folder is the package itself (the editable install points at it), so the warning can only alarm a
+# new user; it is the one warning a fresh clone's set-up printed (issue 24). This filter lives in the build
+# backend's process only (setuptools runs this file there) and names that one message.
+warnings.filterwarnings("ignore", message="Editable installation", category=Warning)
 
 
 def _load_spec() -> Any:
