@@ -3,7 +3,7 @@ configuration, the process (``torchrun`` rank and device), the data, the model o
 numerics it runs with (autocast, channels-last, the evaluation normalization).
 
 :func:`~hdkd_fast.training.train` builds one (``training/loop.py``) and adds the optimizer, the method and
-the loaders; :func:`~hdkd_fast.training.final.write_final_from_checkpoint` (``hdkd-fast evaluate``) builds one
+the loaders; :func:`~hdkd_fast.training.final.finish_from_checkpoint` (``hdkd-fast evaluate``) builds one
 and loads the model from the run's checkpoint.
 """
 
