@@ -454,14 +454,21 @@ class FusedLinearDenseKD(DenseKDConfig):
 
     def forward(self, hidden: Hidden, weight: Tensor, target: Tensor | None = None,
                 bias: Tensor | None = None, weights: LossWeights | None = None) -> Tensor:
+        return self.loss_and_losses(hidden, weight, target, bias, weights)[0]
+
+    def loss_and_losses(self, hidden: Hidden, weight: Tensor, target: Tensor | None = None,
+                        bias: Tensor | None = None, weights: LossWeights | None = None) -> tuple[Tensor, KDLosses]:
+        """``forward``'s loss and, from the same sweep, the per-objective :class:`hdkd_fast.KDLosses` it
+        weighs (differentiable too; differentiating them costs the extra sweep of
+        :func:`fused_linear_dense_kd`, the loss alone does not)."""
         info = check_logits(hidden, "hidden", num_exits=self.num_exits)
         acc = _acc_dtype(weight if isinstance(weight, Tensor) else None, *info.tensors)
         ce_w, kd_w = (self.ce_weight, self.kd_weight) if weights is None else (weights.ce, weights.kd)
         ce_t, kd_t = weight_tensors(ce_w, kd_w, info, acc)
         loss = _apply(hidden, weight, target, bias, ce_t, kd_t, temperature=self.temperature, pairs=self.pairs,
                       detach_teacher=self.detach_teacher, ignore_index=self.ignore_index, reduction="mean",
-                      vocab_size=self.vocab_size, chunk_size=self.chunk_size, backend=self.backend)[2]
-        return loss
+                      vocab_size=self.vocab_size, chunk_size=self.chunk_size, backend=self.backend)
+        return loss[2], KDLosses(loss[0] if target is not None else None, loss[1])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, vocab_size={self.vocab_size}, chunk_size={self.chunk_size}"

@@ -17,7 +17,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("backends", "models", "data"),
     ("_autograd", "inference"),
     ("functional", "modules", "fused_linear", "reference", "evaluation"),
-    ("bilevel", "distill"),
+    ("bilevel", "distill", "lm"),
     ("training", "info", "bench", "build", "cli", "__main__"),
 )
 """Lowest first; a module is placed by its first name below ``hdkd_fast`` (``models.base`` → ``models``)."""

@@ -1,0 +1,167 @@
+"""Early-exit training of a Hugging Face causal LM with the fused dense-KD op (docs/lm.md).
+
+:class:`EarlyExitLM` wraps a Llama, Qwen2, Mistral or Gemma-style ``*ForCausalLM`` (a decoder-layer list
+``model.model.layers``, a final norm ``model.model.norm`` and an LM head ``model.lm_head``). Exit ``E``
+reads the hidden state after the first ``E`` decoder layers, puts it through the model's own final norm and
+LM head, exactly as ``model.generate(..., assistant_early_exit=E)`` drafts tokens (transformers'
+``EarlyExitCandidateGenerator`` sets ``config.num_hidden_layers = E``, and the base model then runs
+``layers[:E]``, its ``norm`` and the head). The wrapper adds no parameters: ``wrapper.model`` is the stock
+model, saved and loaded by ``save_pretrained`` / ``from_pretrained`` unchanged.
+
+``transformers`` is not imported here: any ``nn.Module`` with the three parts above works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from ._pairs import PairSpec
+from ._types import KDLosses
+from ._validation import check_int
+from .fused_linear import FusedLinearDenseKD
+
+SUPPORTED = "Llama, Qwen2, Mistral and Gemma-style *ForCausalLM models"
+
+
+@dataclass
+class EarlyExitLMOutput:
+    """What :meth:`EarlyExitLM.forward` returns.
+
+    ``loss``: :math:`\\sum_k \\alpha_k \\mathrm{ce}[k] + \\sum_{ij} \\gamma_{ij} \\mathrm{kd}[i, j]` (0-dim);
+    ``exit_losses``: :class:`hdkd_fast.KDLosses` (``ce [K]``, ``kd [K, K]``), exits in ``exit_layers`` order;
+    ``exit_layers``: the decoder-layer count of each exit (the last is the model's depth);
+    ``num_tokens``: the token rows that entered the losses (non-padding positions with a next position).
+    """
+
+    loss: Tensor
+    exit_losses: KDLosses
+    exit_layers: tuple[int, ...]
+    num_tokens: int
+
+
+def _model_parts(model: object) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.Linear]:
+    """``(base model, decoder layers, final norm, LM head)`` of a supported model; a ``TypeError`` naming
+    what is missing otherwise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"EarlyExitLM: model must be an nn.Module ({SUPPORTED}); got {type(model).__name__}")
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    norm = getattr(base, "norm", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        head = getattr(model, "lm_head", None)
+    missing = [what for what, part, kind in (
+        ("model.model (the base decoder)", base, nn.Module),
+        ("model.model.layers (the decoder-layer list)", layers, nn.ModuleList),
+        ("model.model.norm (the final norm)", norm, nn.Module),
+        ("model.lm_head / get_output_embeddings() (an nn.Linear LM head)", head, nn.Linear),
+    ) if not isinstance(part, kind)]
+    if missing:
+        raise TypeError(f"EarlyExitLM supports {SUPPORTED}; {type(model).__name__} lacks: " + ", ".join(missing))
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None:
+        raise TypeError(f"EarlyExitLM: {type(model).__name__} soft-caps its logits (config.final_logit_softcapping="
+                        f"{softcap}), which the fused op (plain h W^T + b logits) does not model")
+    assert isinstance(base, nn.Module) and isinstance(layers, nn.ModuleList)
+    assert isinstance(norm, nn.Module) and isinstance(head, nn.Linear)
+    return base, layers, norm, head
+
+
+def check_exit_layers(exit_layers: object, num_layers: int) -> tuple[int, ...]:
+    """``exit_layers`` as a tuple of ints, strictly increasing, each in ``[1, num_layers)``, with
+    ``num_layers`` (the final layer, always the last exit) appended."""
+    if isinstance(exit_layers, (str, bytes)) or not isinstance(exit_layers, Sequence):
+        raise TypeError(f"exit_layers must be a sequence of ints; got {type(exit_layers).__name__}")
+    exits = [check_int(e, f"exit_layers[{i}]") for i, e in enumerate(exit_layers)]
+    if exits and exits[-1] == num_layers:
+        exits = exits[:-1]
+    for i, e in enumerate(exits):
+        if not 1 <= e < num_layers:
+            raise ValueError(f"exit_layers[{i}] must be in [1, {num_layers}) (decoder layers before the exit; "
+                             f"the final layer {num_layers} is always the last exit); got {e}")
+        if i and e <= exits[i - 1]:
+            raise ValueError(f"exit_layers must be strictly increasing; got {list(exit_layers)}")
+    return (*exits, num_layers)
+
+
+class EarlyExitLM(nn.Module):
+    r"""A causal LM trained at several depths at once: every exit's next-token cross-entropy plus dense KD
+    between the exits, through the fused op (:func:`hdkd_fast.fused_linear_dense_kd`: no ``[K, N, V]``
+    logits are materialized).
+
+    Args:
+        model: a Hugging Face ``*ForCausalLM`` of the Llama, Qwen2, Mistral or Gemma family (``model.model.
+            layers``, ``model.model.norm``, ``model.lm_head``); kept as ``self.model``, unchanged.
+        exit_layers: decoder layers before each early exit, as ``generate(..., assistant_early_exit=E)``
+            counts them (ints, strictly increasing, ``1 <= E < num_layers``); the final layer is appended
+            when absent.
+        temperature, pairs, detach_teacher: as in :func:`hdkd_fast.dense_kd_losses`.
+        ce_weight: float or ``Tensor[K]``; kd_weight: float or ``Tensor[K, K]`` (1.0 each by default).
+        ignore_index: the label to ignore (-100, as Hugging Face).
+        chunk_size, backend: as in :func:`hdkd_fast.fused_linear_dense_kd`.
+    """
+
+    def __init__(self, model: nn.Module, exit_layers: Sequence[int] = (), *, temperature: float = 2.0,
+                 pairs: PairSpec = "dense", ce_weight: float | Tensor = 1.0, kd_weight: float | Tensor = 1.0,
+                 detach_teacher: bool = True, ignore_index: int = -100, chunk_size: int | None = None,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        _, layers, _, _ = _model_parts(model)
+        self.model = model
+        self.exit_layers = check_exit_layers(exit_layers, len(layers))
+        self.criterion = FusedLinearDenseKD(len(self.exit_layers), temperature=temperature, ce_weight=ce_weight,
+                                            kd_weight=kd_weight, pairs=pairs, detach_teacher=detach_teacher,
+                                            ignore_index=ignore_index, chunk_size=chunk_size, backend=backend)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_layers)
+
+    def exit_hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[Tensor]:
+        """Each exit's final-normed hidden states ``[B, T, H]`` (the LM head's input), from one decoder run."""
+        base, _, norm, _ = _model_parts(self.model)
+        out = base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                   use_cache=False, return_dict=True)
+        hidden_states: Any = out.hidden_states
+        # hidden_states[E] is the output of the first E layers; the last one (= last_hidden_state) is
+        # already normed by the base model, the early ones are not.
+        return [norm(hidden_states[e]) for e in self.exit_layers[:-1]] + [out.last_hidden_state]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None) -> EarlyExitLMOutput:
+        """Losses of ``input_ids [B, T]``. ``labels [B, T]`` default to ``input_ids``; position ``t`` predicts
+        ``labels[:, t + 1]`` (shifted as Hugging Face's causal-LM loss), ``ignore_index`` labels leave the
+        cross-entropy only. Positions where ``attention_mask == 0`` leave everything: a padding position
+        is no row of the losses, and a padding label is ignored."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T]; got shape {tuple(input_ids.shape)}")
+        if labels is None:
+            labels = input_ids
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}; "
+                             f"got {tuple(attention_mask.shape)}")
+        _, _, _, head = _model_parts(self.model)
+        hidden = self.exit_hidden_states(input_ids, attention_mask)
+        target = labels[:, 1:]
+        rows: Tensor | None = None
+        if attention_mask is not None:
+            target = target.masked_fill(attention_mask[:, 1:] == 0, self.criterion.ignore_index)
+            rows = (attention_mask[:, :-1] != 0).reshape(-1)
+        target = target.reshape(-1)
+        exits = [h[:, :-1].reshape(-1, h.shape[-1]) for h in hidden]
+        if rows is not None:
+            exits = [h[rows] for h in exits]
+            target = target[rows]
+        loss, losses = self.criterion.loss_and_losses(exits, head.weight, target, head.bias)
+        return EarlyExitLMOutput(loss, losses, self.exit_layers, int(target.shape[0]))
+
+    def extra_repr(self) -> str:
+        return f"exit_layers={self.exit_layers}"
