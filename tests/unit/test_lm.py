@@ -1,5 +1,5 @@
-"""hdkd_fast.lm.EarlyExitLM on tiny Hugging Face causal LMs (Llama, Qwen2), in float64: the fused losses and
-their gradients against dense_kd_losses on logits computed by hand from output_hidden_states, the exits
+"""hdkd_fast.lm.EarlyExitLM on tiny Hugging Face causal LMs (Llama, Qwen2, Mistral, Gemma), in float64: the
+fused losses and their gradients against dense_kd_losses on logits computed by hand from output_hidden_states, the exits
 against transformers' own assistant_early_exit truncation, padding and ignored labels, argument errors,
 a save_pretrained round trip, and early-exit speculative decoding after a few training steps."""
 
@@ -22,6 +22,8 @@ except ImportError:  # pragma: no cover - the lm extra is not installed
 from hdkd_fast.lm import EarlyExitLM
 
 V, LAYERS = 97, 4
+ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+         "mistral": ("MistralConfig", "MistralForCausalLM"), "gemma": ("GemmaConfig", "GemmaForCausalLM")}
 
 
 def tiny(arch: str, seed: int = 0) -> Any:
@@ -29,10 +31,8 @@ def tiny(arch: str, seed: int = 0) -> Any:
     common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=None,
                   bos_token_id=None)
-    if arch == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    config, cls = ARCHS[arch]
+    model = getattr(transformers, cls)(getattr(transformers, config)(head_dim=8, **common))
     # random init leaves the norms at 1: perturb them so that a missing or doubled norm shows
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -67,7 +67,7 @@ def reference_losses(model: Any, exits: tuple[int, ...], ids: Tensor, mask: Tens
     return hk.dense_kd_losses(z, target[rows], **kw)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("padded", [True, False])
 def test_losses_and_gradients_match_materialized_reference(arch: str, padded: bool) -> None:
     model = tiny(arch)
@@ -145,6 +145,11 @@ def test_unsupported_models() -> None:
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2))
     with pytest.raises(TypeError, match=r"GPT2LMHeadModel lacks: model.model .*model.model.layers"):
         EarlyExitLM(gpt2, exit_layers=(1,))
+    gemma2 = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8))
+    with pytest.raises(TypeError, match="final_logit_softcapping"):
+        EarlyExitLM(gemma2, exit_layers=(1,))
     with pytest.raises(TypeError, match="Linear lacks"):
         EarlyExitLM(nn.Linear(3, 3))
     with pytest.raises(TypeError, match=r"must be an nn\.Module"):
