@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .._distributed import all_reduce_mean
 from .._pairs import pair_mask
 from .._types import LossWeights
-from .._validation import Logits, check_count, check_logits, check_positive_int, is_real
+from .._validation import Logits, check_count, check_logits, check_positive, check_positive_int, is_real
 from ..modules import DenseKD
 from .hypergrad import (
     HYPERGRAD_MODES,
@@ -78,8 +78,8 @@ class HDKD:
        virtual step; ``"auto"``, the default: ``"fd"`` for float32/float64 logits, ``"jvp"`` for
        low-precision ones such as bf16 autocast; the first two cost the same for any number of
        objectives);
-    3. φ update with ``weight_optimizer`` (default ``Adam(lr=1e-2 × update_every)``) on the hypergradient per unit of
-       learning rate, :math:`\eta^{-1}\, \partial L_\mathrm{val}/\partial\varphi` (``per_unit_lr``, below);
+    3. φ update with ``weight_optimizer`` (default ``Adam(lr=weight_lr × update_every)``) on the hypergradient
+       per unit of learning rate, :math:`\eta^{-1}\, \partial L_\mathrm{val}/\partial\varphi` (``per_unit_lr``, below);
 
     and on every call the real step. With ``reuse_inner_gradient`` (the default without DDP) an update
     step hands the gradient of step 1 to ``optimizer.step()``: the step actually taken is the virtual
@@ -130,8 +130,10 @@ class HDKD:
         weights: a :class:`HarmonizedWeights` (default: ``"per_exit"`` over the criterion's pairs, on the
             model's device and dtype). K comes from it, else ``criterion.num_exits``, else
             ``model.num_exits``.
-        weight_optimizer: optimizer of ``weights.parameters()`` (default ``Adam(lr=1e-2 × update_every)``:
-            1e-2 per training step, so that φ travels about as far whatever the interval).
+        weight_optimizer: optimizer of ``weights.parameters()`` (default ``Adam(lr=weight_lr × update_every)``:
+            ``weight_lr`` per training step, so that φ travels about as far whatever the interval; none when
+            the weights have no parameters, e.g. ``"fixed"``).
+        weight_lr: the default weight optimizer's lr per training step (1e-2); ignored with ``weight_optimizer``.
         hypergrad: ``"auto"``, ``"fd"``, ``"jvp"`` or ``"exact"``.
         update_every: update φ on every n-th ``step`` call; the others are plain weighted steps, at the cost
             of one (they need no validation batch). The training CLI's default is 16 (docs/performance.md).
@@ -163,6 +165,7 @@ class HDKD:
         reuse_inner_gradient: bool | None = None,
         per_unit_lr: bool = True,
         step_length: str = "free",
+        weight_lr: float = DEFAULT_WEIGHT_LR,
         warmup_steps: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -180,6 +183,7 @@ class HDKD:
             raise ValueError(f"hypergrad must be one of {HYPERGRAD_MODES}; got {hypergrad!r}")
         update_every = check_positive_int(update_every, "update_every", "an int >= 1")
         warmup_steps = check_count(warmup_steps, "warmup_steps", minimum=0)
+        weight_lr = check_positive(weight_lr, "weight_lr")
         if step_length not in STEP_LENGTHS:
             raise ValueError(f"step_length must be one of {STEP_LENGTHS}; got {step_length!r}")
         if validation not in VALIDATION_OBJECTIVES:
@@ -208,7 +212,7 @@ class HDKD:
             raise ValueError("weights were built for other pairs than the criterion's (criterion.pairs)")
         params = list(self.weights.parameters())
         if weight_optimizer is None and params:  # the lr is per training step (below: update_every)
-            weight_optimizer = torch.optim.Adam(params, lr=DEFAULT_WEIGHT_LR * update_every)
+            weight_optimizer = torch.optim.Adam(params, lr=weight_lr * update_every)
         self.weight_optimizer: torch.optim.Optimizer | None = weight_optimizer
         self.hypergrad: str = hypergrad
         self.update_every: int = update_every

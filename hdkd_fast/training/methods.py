@@ -414,9 +414,8 @@ class HarmonizedDenseDistillation(TrainMethod):
         weights = weights.to(self.device())
         self.hdkd = HDKD(
             self.model, self.optimizer, criterion=self.criterion, weights=weights,
-            weight_optimizer=torch.optim.Adam(weights.parameters(), lr=o.weight_lr * o.update_every),
-            hypergrad=o.hypergrad, update_every=o.update_every, validation=o.validation, step_length=o.step_length,
-            warmup_steps=o.weight_warmup_steps,
+            weight_lr=o.weight_lr, hypergrad=o.hypergrad, update_every=o.update_every, validation=o.validation,
+            step_length=o.step_length, warmup_steps=o.weight_warmup_steps,
         )
 
     def make_criterion(self) -> nn.Module:

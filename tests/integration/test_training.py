@@ -122,6 +122,16 @@ def test_two_epochs_equal_one_plus_resumed_one(args: list[str], tmp_path: Path, 
         assert not torch.equal(alpha, torch.zeros_like(alpha))
 
 
+def test_hdkd_with_fixed_weights_trains(tmp_path: Path, one_thread: None) -> None:
+    """``--weight-parameterization fixed`` (no weight parameters, so no weight optimizer) trains and keeps
+    its starting weights."""
+    cli_train(*FAST, "--method", "hdkd", "--weight-parameterization", "fixed", "--epochs", "1", "--out", tmp_path)
+    state = load_checkpoint(tmp_path)["method"]
+    assert state["weight_optimizer"] is None and "phi" not in state["weights"]
+    weights = read_metrics(tmp_path)[-1]["weights/ce"]
+    assert weights == [1.0] * len(weights)
+
+
 class Stop(Exception):
     """Stands for a crash right after a checkpoint."""
 

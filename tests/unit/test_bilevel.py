@@ -463,6 +463,20 @@ def test_warmup_holds_the_weights_then_updates_every_interval() -> None:
     assert other.calls == 9 and not other.will_update()
 
 
+def test_default_weight_optimizer_takes_weight_lr_per_step() -> None:
+    """The default φ optimizer is Adam at ``weight_lr × update_every``; weights without parameters
+    (``"fixed"``) get none, and no step then updates or needs a validation batch."""
+    _, _, hdkd = make(22, update_every=4, weight_lr=0.03)
+    assert isinstance(hdkd.weight_optimizer, torch.optim.Adam)
+    assert hdkd.weight_optimizer.param_groups[0]["lr"] == pytest.approx(0.12)
+    _, _, fixed = make(22, update_every=4, weights=HarmonizedWeights(K, parameterization="fixed").double())
+    assert fixed.weight_optimizer is None and not fixed.will_update()
+    start = fixed.weights().ce.clone()
+    x, y, _, _ = batches(70)
+    assert fixed.step(x, y)["updated"] == 0.0
+    torch.testing.assert_close(fixed.weights().ce, start, rtol=0, atol=0)
+
+
 def test_balanced_validation_tracks_the_running_mean() -> None:
     _, _, hdkd = make(19, validation="balanced", ema_decay=0.5)
     first = hdkd.step(*batches(50))
@@ -820,6 +834,9 @@ def test_hdkd_bad_input() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="update_every"):
             HDKD(model, opt, update_every=bad)  # type: ignore[arg-type]
+    for bad in (0.0, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match="weight_lr"):
+            HDKD(model, opt, weight_lr=bad)
     with pytest.raises(ValueError, match="warmup_steps"):
         HDKD(model, opt, warmup_steps=-1)
     with pytest.raises(TypeError, match="warmup_steps"):
