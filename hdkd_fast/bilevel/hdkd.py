@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .._distributed import all_reduce_mean
 from .._pairs import pair_mask
 from .._types import LossWeights
-from .._validation import Logits, check_count, check_logits, check_positive, check_positive_int, is_real
+from .._validation import Logits, check_choice, check_count, check_logits, check_positive, check_positive_int, is_real
 from ..modules import DenseKD
 from .hypergrad import (
     HYPERGRAD_MODES,
@@ -179,15 +179,12 @@ class HDKD:
         if weight_optimizer is not None and not isinstance(weight_optimizer, torch.optim.Optimizer):
             raise TypeError(f"weight_optimizer must be a torch.optim.Optimizer or None; "
                             f"got {type(weight_optimizer).__name__}")
-        if hypergrad not in HYPERGRAD_MODES:
-            raise ValueError(f"hypergrad must be one of {HYPERGRAD_MODES}; got {hypergrad!r}")
+        check_choice(hypergrad, "hypergrad", HYPERGRAD_MODES)
         update_every = check_positive_int(update_every, "update_every", "an int >= 1")
         warmup_steps = check_count(warmup_steps, "warmup_steps", minimum=0)
         weight_lr = check_positive(weight_lr, "weight_lr")
-        if step_length not in STEP_LENGTHS:
-            raise ValueError(f"step_length must be one of {STEP_LENGTHS}; got {step_length!r}")
-        if validation not in VALIDATION_OBJECTIVES:
-            raise ValueError(f"validation must be one of {VALIDATION_OBJECTIVES}; got {validation!r}")
+        check_choice(step_length, "step_length", STEP_LENGTHS)
+        check_choice(validation, "validation", VALIDATION_OBJECTIVES)
         if not is_real(ema_decay) or not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be a number in [0, 1); got {ema_decay!r}")
         if reuse_inner_gradient is None:

@@ -47,7 +47,7 @@ from torch.nn import functional as F
 
 from .._pairs import PairSpec
 from .._types import KDLosses, LossWeights
-from .._validation import Logits, accumulation_dtype, check_logits, check_target, check_target_values
+from .._validation import Logits, accumulation_dtype, check_choice, check_logits, check_target, check_target_values
 from ..functional import dense_kd, dense_kd_losses
 
 HYPERGRAD_MODES = ("auto", "jvp", "fd", "exact")
@@ -291,10 +291,8 @@ def weight_hypergradient(
     Wrap the call in ``torch.random.fork_rng`` (and clone the buffers in ``forward``) for no side effect
     at all.
     """
-    if mode not in HYPERGRAD_MODES:
-        raise ValueError(f"hypergrad must be one of {HYPERGRAD_MODES}; got {mode!r}")
-    if step_length not in STEP_LENGTHS:
-        raise ValueError(f"step_length must be one of {STEP_LENGTHS}; got {step_length!r}")
+    check_choice(mode, "hypergrad", HYPERGRAD_MODES)
+    check_choice(step_length, "step_length", STEP_LENGTHS)
     exact = mode == "exact"
     with torch.enable_grad():
         replay = _RngReplay(x.device)

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from .._pairs import PairMask, PairSpec, pair_mask, selected_pairs
 from .._types import KDLosses, LossWeights
-from .._validation import check_positive_int
+from .._validation import check_choice, check_positive_int
 
 PARAMETERIZATIONS = ("per_exit", "softmax", "softplus", "gated", "bounded", "fixed")
 BOUNDED_SCALE = 0.3
@@ -75,8 +75,7 @@ class HarmonizedWeights(nn.Module):
     ) -> None:
         super().__init__()
         num_exits = check_positive_int(num_exits, "num_exits")
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}; got {parameterization!r}")
+        check_choice(parameterization, "parameterization", PARAMETERIZATIONS)
         # The direction of a mask is the criterion's concern (detach_teacher); here only the set matters.
         self.mask: PairMask = pair_mask(pairs, num_exits, detach_teacher=False)
         self.pairs = selected_pairs(self.mask)
