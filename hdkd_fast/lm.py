@@ -14,7 +14,7 @@ model, saved and loaded by ``save_pretrained`` / ``from_pretrained`` unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from torch import Tensor, nn
@@ -41,6 +41,18 @@ class EarlyExitLMOutput:
     exit_losses: KDLosses
     exit_layers: tuple[int, ...]
     num_tokens: int
+
+    def __getitem__(self, key: int | str) -> Any:
+        """``out["loss"]`` / ``out[0]`` is ``out.loss``, as on a Hugging Face ``ModelOutput`` (what ``Trainer``
+        reads); ``out[name]`` is the field ``name``, ``out[i]`` the ``i``-th field in the order above."""
+        names = tuple(f.name for f in fields(self))
+        if isinstance(key, str):
+            if key not in names:
+                raise KeyError(f"EarlyExitLMOutput has no field {key!r}; its fields: {', '.join(names)}")
+            return getattr(self, key)
+        if isinstance(key, int) and not isinstance(key, bool):
+            return getattr(self, names[key])
+        raise TypeError(f"EarlyExitLMOutput indices must be field names or ints; got {type(key).__name__}")
 
 
 def _model_parts(model: object) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn.Linear]:
@@ -90,6 +102,20 @@ def check_exit_layers(exit_layers: object, num_layers: int) -> tuple[int, ...]:
     return (*exits, num_layers)
 
 
+def _drop_tied_aliases(module: EarlyExitLM, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """State-dict post-hook: :meth:`EarlyExitLM.tied_aliases` leave ``state``."""
+    for alias, name in module.tied_aliases().items():
+        if prefix + name in state:
+            state.pop(prefix + alias, None)
+
+
+def _refill_tied_aliases(module: EarlyExitLM, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook: each missing alias gets its first name's tensor."""
+    for alias, name in module.tied_aliases().items():
+        if prefix + alias not in state and prefix + name in state:
+            state[prefix + alias] = state[prefix + name]
+
+
 class EarlyExitLM(nn.Module):
     r"""A causal LM trained at several depths at once: every exit's next-token cross-entropy plus dense KD
     between the exits, through the fused op (:func:`hdkd_fast.fused_linear_dense_kd`: no ``[K, N, V]``
@@ -118,10 +144,68 @@ class EarlyExitLM(nn.Module):
         self.criterion = FusedLinearDenseKD(len(self.exit_layers), temperature=temperature, ce_weight=ce_weight,
                                             kd_weight=kd_weight, pairs=pairs, detach_teacher=detach_teacher,
                                             ignore_index=ignore_index, chunk_size=chunk_size, backend=backend)
+        if hasattr(self, "register_state_dict_post_hook"):
+            self.register_state_dict_post_hook(_drop_tied_aliases)
+            self.register_load_state_dict_pre_hook(_refill_tied_aliases)
+        else:  # torch < 2.5: the same hooks under their private names
+            self._register_state_dict_hook(_drop_tied_aliases)
+            self._register_load_state_dict_pre_hook(_refill_tied_aliases, with_module=True)
+
+    accepts_loss_kwargs = False
+    """Read by ``transformers.Trainer``: the loss is already a per-batch mean (every exit's cross-entropy over
+    its labelled tokens, the KD over the rows), so ``Trainer`` passes no ``num_items_in_batch`` and divides by
+    the gradient-accumulation steps itself."""
 
     @property
     def num_exits(self) -> int:
         return len(self.exit_layers)
+
+    def _model_method(self, name: str) -> Any:
+        method = getattr(self.model, name, None)
+        if not callable(method):
+            raise AttributeError(f"EarlyExitLM.{name}: the wrapped {type(self.model).__name__} has no {name}()")
+        return method
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
+        """``self.model.gradient_checkpointing_enable(...)`` (what ``Trainer(gradient_checkpointing=True)`` calls
+        before transformers 5): each decoder layer recomputes its activations in backward; the exits'
+        ``hidden_states`` are still collected."""
+        return self._model_method("gradient_checkpointing_enable")(*args, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> Any:
+        """``self.model.gradient_checkpointing_disable()``."""
+        return self._model_method("gradient_checkpointing_disable")()
+
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> Any:
+        """``self.model.activation_checkpointing_enable(...)`` (transformers >= 5's name, which ``Trainer(
+        activation_checkpointing=True)`` calls)."""
+        return self._model_method("activation_checkpointing_enable")(*args, **kwargs)
+
+    def activation_checkpointing_disable(self) -> Any:
+        """``self.model.activation_checkpointing_disable()``."""
+        return self._model_method("activation_checkpointing_disable")()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether ``self.model`` checkpoints its layers (``Trainer`` reads it to choose DDP's
+        ``find_unused_parameters``)."""
+        return bool(getattr(self.model, "is_activation_checkpointing",
+                            getattr(self.model, "is_gradient_checkpointing", False)))
+
+    def tied_aliases(self) -> dict[str, str]:
+        """``{alias: name}`` for every tensor registered under several names (an LM head tied to the input
+        embedding: ``{"model.lm_head.weight": "model.model.embed_tokens.weight"}``), ``name`` the first.
+        ``state_dict()`` leaves the aliases out and ``load_state_dict`` refills them from ``name``: safetensors,
+        in which ``Trainer`` checkpoints a module that is not a ``PreTrainedModel``, refuses two names of one
+        tensor."""
+        first: dict[int, str] = {}
+        aliases = {}
+        for name, t in [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]:
+            if id(t) in first:
+                aliases[name] = first[id(t)]
+            else:
+                first[id(t)] = name
+        return aliases
 
     def exit_hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[Tensor]:
         """Each exit's final-normed hidden states ``[B, T, H]`` (the LM head's input), from one decoder run."""
