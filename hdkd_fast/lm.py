@@ -187,10 +187,10 @@ class EarlyExitLM(nn.Module):
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        """Whether ``self.model`` checkpoints its layers (``Trainer`` reads it to choose DDP's
-        ``find_unused_parameters``)."""
-        return bool(getattr(self.model, "is_activation_checkpointing",
-                            getattr(self.model, "is_gradient_checkpointing", False)))
+        """Whether ``self.model`` checkpoints its layers."""
+        name = "is_activation_checkpointing" if hasattr(self.model, "is_activation_checkpointing") \
+            else "is_gradient_checkpointing"  # transformers < 5
+        return bool(getattr(self.model, name, False))
 
     def tied_aliases(self) -> dict[str, str]:
         """``{alias: name}`` for every tensor registered under several names (an LM head tied to the input
