@@ -96,7 +96,8 @@ def test_tied_embedding_state_dict_round_trip() -> None:
 
 def test_trainer_trains_checkpoints_and_the_model_reloads(tmp_path: Path) -> None:
     """Trainer(model=EarlyExitLM(...)): its loss is the wrapper's, it trains, asks the wrapper for checkpointing,
-    saves a (tied-embedding) checkpoint the wrapper loads, and the trained model round-trips save_pretrained."""
+    saves (tied-embedding) checkpoints that the wrapper loads and Trainer resumes from, and the trained model
+    round-trips save_pretrained."""
     pytest.importorskip("accelerate")
     model = tiny(tie=True, dtype=torch.float32)
     wrapper = EarlyExitLM(model, exit_layers=(1,))
@@ -110,12 +111,15 @@ def test_trainer_trains_checkpoints_and_the_model_reloads(tmp_path: Path) -> Non
                      else "gradient_checkpointing")
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2, report_to=[], use_cpu=True,
-        learning_rate=1e-2, logging_steps=1, save_strategy="steps", save_steps=3, **{checkpointing: True})
+        learning_rate=1e-2, logging_steps=1, save_strategy="steps", save_steps=2, **{checkpointing: True})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         trainer = transformers.Trainer(model=wrapper, args=args, train_dataset=dataset)
         assert trainer.model_accepts_loss_kwargs is False
         trainer.train()
+        resumed = EarlyExitLM(tiny(tie=True, seed=4, dtype=torch.float32), exit_layers=(1,))
+        transformers.Trainer(model=resumed, args=args, train_dataset=dataset).train(
+            resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     assert wrapper.is_activation_checkpointing
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3
@@ -133,6 +137,8 @@ def test_trainer_trains_checkpoints_and_the_model_reloads(tmp_path: Path) -> Non
     with torch.no_grad():
         after = wrapper(**data).loss
         torch.testing.assert_close(fresh(**data).loss, after, rtol=0, atol=0)
+    for name, p in resumed.named_parameters():  # checkpoint-2 + step 3 = the 3 steps
+        torch.testing.assert_close(p, trained[name], rtol=0, atol=0, msg=name)
 
     wrapper.model.save_pretrained(tmp_path / "model")  # the recipe in docs/lm.md
     loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "model")
