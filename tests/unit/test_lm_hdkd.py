@@ -13,14 +13,9 @@ import torch
 from torch import Tensor, nn
 
 import hdkd_fast as hk
-from tests.support.hf import import_transformers
-
-try:
-    transformers: Any = import_transformers()
-except ImportError:  # pragma: no cover - the lm extra is not installed
-    pytest.skip("transformers is not installed (pip install 'hdkd_fast[lm]')", allow_module_level=True)
-
 from hdkd_fast.lm import EarlyExitLM, next_token_targets
+
+transformers: Any = pytest.importorskip("transformers", exc_type=ModuleNotFoundError)  # a broken import fails
 
 V = 61
 ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
