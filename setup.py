@@ -1,4 +1,4 @@
-"""Build script: the Python package, ``hdkd_fast.kernels`` mapped from ``kernels/``, the C++/CUDA
+"""Build script: the Python package (its Triton kernels included, ``hdkd_fast/kernels/``), the C++/CUDA
 sources ``csrc/`` shipped as ``hdkd_fast/csrc`` (for the build on first use), and, when torch is
 importable here, the compiled extension ``hdkd_fast._C`` built ahead of time.
 
@@ -73,8 +73,8 @@ def _extensions() -> tuple[list[Any], dict[str, Any]]:
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=[*find_packages(include=["hdkd_fast", "hdkd_fast.*"]), "hdkd_fast.kernels", *CSRC_PACKAGES],
-    package_dir={"hdkd_fast.kernels": "kernels", "hdkd_fast.csrc": "csrc"},
+    packages=[*find_packages(include=["hdkd_fast", "hdkd_fast.*"]), *CSRC_PACKAGES],
+    package_dir={"hdkd_fast.csrc": "csrc"},
     package_data={"hdkd_fast": ["py.typed"], **{name: CSRC_GLOBS for name in CSRC_PACKAGES}},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

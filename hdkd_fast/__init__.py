@@ -2,7 +2,8 @@
 
 Public API (docs/design.md §Layers): :func:`dense_kd_losses`, :func:`dense_kd`, :class:`DenseKD`,
 :func:`fused_linear_dense_kd` and :class:`FusedLinearDenseKD` (dense KD fused with a shared LM head),
-:class:`KDLosses`, :class:`LossWeights`, :func:`available_backends` (the backend registry:
+:class:`KDLosses`, :class:`LossWeights`, :class:`ExitFeatures` (what a model with a shared head hands to
+:class:`HDKD`), :func:`available_backends` (the backend registry:
 :mod:`hdkd_fast.backends`), and the readable baseline
 :class:`hdkd_fast.reference.DenseKD`. Subpackages: :mod:`hdkd_fast.models` (multi-exit networks),
 :mod:`hdkd_fast.inference` (early-exit inference), :mod:`hdkd_fast.evaluation` (anytime and
@@ -14,7 +15,7 @@ equilibrium, DBT), :mod:`hdkd_fast.data` (datasets of the training CLI) and :mod
 
 from . import bilevel, data, distill, evaluation, inference, models, reference
 from ._pairs import pair_mask
-from ._types import KDLosses, LossWeights
+from ._types import ExitFeatures, KDLosses, LossWeights
 from ._version import __version__
 from .backends import available_backends
 from .bilevel import HDKD, HarmonizedWeights
@@ -25,6 +26,7 @@ from .modules import DenseKD
 __all__ = [
     "HDKD",
     "DenseKD",
+    "ExitFeatures",
     "FusedLinearDenseKD",
     "HarmonizedWeights",
     "KDLosses",

@@ -28,3 +28,17 @@ class LossWeights(NamedTuple):
 
     ce: Tensor
     kd: Tensor
+
+
+class ExitFeatures(NamedTuple):
+    r"""K exits' hidden states at the input of one shared linear head, and that head: the exits' logits
+    would be :math:`z_k = h_k W^\top + b`. What a model hands to :class:`hdkd_fast.HDKD` instead of logits
+    when ``K × N × V`` of them are too many to hold (``EarlyExitLM(...)(ids, return_features=True)``).
+
+    ``hidden``: K ``Tensor[N, H]`` (one row per predicting position); ``weight``: ``Tensor[V, H]``;
+    ``bias``: ``Tensor[V]`` or ``None``.
+    """
+
+    hidden: list[Tensor]
+    weight: Tensor
+    bias: Tensor | None

@@ -20,8 +20,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._pairs import PairSpec
-from ._types import KDLosses
+from ._types import ExitFeatures, KDLosses
 from ._validation import check_int
+from .bilevel.shared_head import SharedHeadObjectives
 from .fused_linear import FusedLinearDenseKD
 
 SUPPORTED = "Llama, Qwen2, Mistral and Gemma-style *ForCausalLM models"
@@ -83,6 +84,12 @@ def _model_parts(model: object) -> tuple[nn.Module, nn.ModuleList, nn.Module, nn
     assert isinstance(base, nn.Module) and isinstance(layers, nn.ModuleList)
     assert isinstance(norm, nn.Module) and isinstance(head, nn.Linear)
     return base, layers, norm, head
+
+
+def next_token_targets(labels: Tensor) -> Tensor:
+    """``labels [B, T]`` → ``Tensor[B (T - 1)]``: position ``t`` predicts ``labels[:, t + 1]`` (the rows of
+    :meth:`EarlyExitLM.forward`'s ``return_features=True`` output, in order)."""
+    return labels[:, 1:].reshape(-1)
 
 
 def check_exit_layers(exit_layers: object, num_layers: int) -> tuple[int, ...]:
@@ -218,13 +225,22 @@ class EarlyExitLM(nn.Module):
         return [norm(hidden_states[e]) for e in self.exit_layers[:-1]] + [out.last_hidden_state]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                labels: Tensor | None = None) -> EarlyExitLMOutput:
+                labels: Tensor | None = None, *, return_features: bool = False) -> EarlyExitLMOutput | ExitFeatures:
         """Losses of ``input_ids [B, T]``. ``labels [B, T]`` default to ``input_ids``; position ``t`` predicts
         ``labels[:, t + 1]`` (shifted as Hugging Face's causal-LM loss), ``ignore_index`` labels leave the
         cross-entropy only. Positions where ``attention_mask == 0`` leave everything: a padding position
-        is no row of the losses, and a padding label is ignored."""
+        is no row of the losses, and a padding label is ignored.
+
+        ``return_features=True`` returns :class:`hdkd_fast.ExitFeatures` instead (what :class:`hdkd_fast.HDKD`
+        trains through, :meth:`hdkd_objectives`): every exit's normed hidden states at positions
+        ``0..T-2`` as ``[B (T - 1), H]`` rows (labels: :func:`next_token_targets`) and the head; ``labels`` are
+        not read, and padding positions stay in (give their labels ``ignore_index``)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T]; got shape {tuple(input_ids.shape)}")
+        if return_features:
+            _, _, _, head = _model_parts(self.model)
+            hidden = self.exit_hidden_states(input_ids, attention_mask)
+            return ExitFeatures([h[:, :-1].reshape(-1, h.shape[-1]) for h in hidden], head.weight, head.bias)
         if labels is None:
             labels = input_ids
         if labels.shape != input_ids.shape:
@@ -246,6 +262,13 @@ class EarlyExitLM(nn.Module):
             target = target[rows]
         loss, losses = self.criterion.loss_and_losses(exits, head.weight, target, head.bias)
         return EarlyExitLMOutput(loss, losses, self.exit_layers, int(target.shape[0]))
+
+    def hdkd_objectives(self) -> SharedHeadObjectives:
+        """The objectives :class:`hdkd_fast.HDKD` learns the weights of: this wrapper's criterion (its
+        temperature, pairs, ...; not its ``ce_weight``/``kd_weight``, which the learned weights replace) on
+        ``forward(input_ids, return_features=True)``, with ``HDKD.step(input_ids, labels, ...)``'s labels
+        shifted by :func:`next_token_targets`."""
+        return SharedHeadObjectives(self.criterion, next_token_targets, {"return_features": True})
 
     def extra_repr(self) -> str:
         return f"exit_layers={self.exit_layers}"

@@ -122,7 +122,8 @@ class _Recorder:
 def _record(variant: Variant) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     """Call the backend's launcher for ``variant`` on CPU tensors; return ``(kernel, args, kwargs)``."""
     v = variant
-    mod, attr = (TB._fwd, "_dense_kd_fwd_kernel") if v.op == "fwd" else (TB._jvp, "_dense_kd_jvp_kernel")
+    fwd = v.op == "fwd"
+    mod, attr = (TB.dense_kd_fwd, "_dense_kd_fwd_kernel") if fwd else (TB.dense_kd_jvp, "_dense_kd_jvp_kernel")
     real = getattr(mod, attr)
     recorder = _Recorder(real)
     setattr(mod, attr, recorder)
@@ -134,7 +135,7 @@ def _record(variant: Variant) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
         mask = hk.pair_mask("dense", v.k, detach_teacher=v.detach_teacher)
         opts: dict[str, Any] = dict(temperature=v.temperature, mask=mask, detach_teacher=v.detach_teacher,
                                     ignore_index=-100, reduction="mean")
-        if v.op == "fwd":
+        if fwd:
             ce_w = torch.ones(v.k, dtype=torch.float64) if v.target else None
             TB.losses_and_grad(x, y, ce_w, torch.ones(v.k, v.k, dtype=torch.float64), compute_grad=v.grad, **opts)
         else:

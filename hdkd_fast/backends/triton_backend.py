@@ -1,4 +1,4 @@
-r"""The ``"triton"`` backend: the fused kernels of ``hdkd_fast.kernels`` (``kernels/`` in the source tree).
+r"""The ``"triton"`` backend: the fused kernels of ``hdkd_fast.kernels``.
 
 One kernel launch per call computes every per-row objective (and the weighted gradient), see
 :mod:`hdkd_fast.kernels.dense_kd_fwd` and :mod:`hdkd_fast.kernels.dense_kd_jvp`; this module folds the
@@ -13,13 +13,8 @@ the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
-import sys
 from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -32,34 +27,8 @@ from .torch_backend import reduce_rows, row_scales
 NAME = "triton"
 
 _IMPORT_ERROR: str | None = None
-_fwd: Any = None
-_jvp: Any = None
-
-
-def _load_kernels() -> tuple[ModuleType, ModuleType]:
-    """``hdkd_fast.kernels``' two kernel modules; in a source checkout that was not installed, the
-    ``kernels/`` directory next to the package is mounted as ``hdkd_fast.kernels``."""
-    try:
-        return (importlib.import_module("hdkd_fast.kernels.dense_kd_fwd"),
-                importlib.import_module("hdkd_fast.kernels.dense_kd_jvp"))
-    except ModuleNotFoundError as err:
-        if err.name not in ("hdkd_fast.kernels", "hdkd_fast.kernels.dense_kd_fwd"):
-            raise
-    source = Path(__file__).resolve().parents[2] / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "hdkd_fast.kernels", source / "__init__.py", submodule_search_locations=[str(source)]
-    )
-    if spec is None or spec.loader is None or not (source / "__init__.py").exists():
-        raise ImportError("hdkd_fast.kernels is not installed and no kernels/ directory was found")
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["hdkd_fast.kernels"] = package
-    spec.loader.exec_module(package)
-    return (importlib.import_module("hdkd_fast.kernels.dense_kd_fwd"),
-            importlib.import_module("hdkd_fast.kernels.dense_kd_jvp"))
-
-
 try:
-    _fwd, _jvp = _load_kernels()
+    from ..kernels import dense_kd_fwd, dense_kd_jvp
 except ImportError as _err:  # triton missing (or broken): the backend is simply unavailable
     _IMPORT_ERROR = f"triton could not be imported ({_err})"
 
@@ -107,7 +76,7 @@ _JVP_SCHEMA = (
 def _losses_impl(logits: list[Tensor], target: Tensor | None, ce_weight: Tensor | None, kd_weight: Tensor | None,
                  mask: Tensor, temperature: float, detach_teacher: bool, ignore_index: int,
                  compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    ce, kd, grad = _fwd.dense_kd_forward(
+    ce, kd, grad = dense_kd_fwd.dense_kd_forward(
         _launch_input(logits), target, ce_weight, kd_weight, mask, temperature=temperature,
         detach_teacher=detach_teacher, ignore_index=ignore_index, compute_grad=compute_grad,
     )
@@ -129,7 +98,7 @@ def _losses_fake(logits: list[Tensor], target: Tensor | None, ce_weight: Tensor 
 
 def _jvp_impl(logits: list[Tensor], tangents: list[Tensor], target: Tensor | None, mask: Tensor,
               temperature: float, detach_teacher: bool, ignore_index: int) -> tuple[Tensor, Tensor]:
-    dce, dkd = _jvp.dense_kd_jvp(
+    dce, dkd = dense_kd_jvp.dense_kd_jvp(
         _launch_input(logits), _launch_input(tangents), target, mask, temperature=temperature,
         detach_teacher=detach_teacher, ignore_index=ignore_index,
     )

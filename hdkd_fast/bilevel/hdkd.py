@@ -26,10 +26,12 @@ from .hypergrad import (
     HYPERGRAD_MODES,
     STEP_LENGTHS,
     Hypergradient,
+    Objectives,
     ObjectiveSpec,
     inner_rules,
     weight_hypergradient,
 )
+from .shared_head import SharedHeadObjectives, check_features
 from .weights import HarmonizedWeights
 
 VALIDATION_OBJECTIVES = ("ce", "balanced")
@@ -40,6 +42,19 @@ def model_logits(output: Any, num_exits: int) -> Logits:
     """``output`` (a model's), checked to be ``num_exits`` exits' logits (see :func:`check_logits`)."""
     check_logits(output, "model(x)", num_exits=num_exits)
     return output
+
+
+def model_objectives(module: nn.Module) -> SharedHeadObjectives | None:
+    """The objectives a model defines itself (``module.hdkd_objectives()``, e.g. ``EarlyExitLM``), or ``None``
+    for a model that returns logits."""
+    method = getattr(module, "hdkd_objectives", None)
+    if method is None:
+        return None
+    objectives = method()
+    if not isinstance(objectives, SharedHeadObjectives):
+        raise TypeError(f"{type(module).__name__}.hdkd_objectives() must return a SharedHeadObjectives; "
+                        f"got {type(objectives).__name__}")
+    return objectives
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
@@ -122,11 +137,20 @@ class HDKD:
     one), the φ-gradient (and the validation losses of the EMA) are averaged over the process group,
     so φ stays identical on every rank, and the real step goes once through the DDP model.
 
+    Models that define their own objectives: a model with a method ``hdkd_objectives()`` returning a
+    :class:`~hdkd_fast.bilevel.shared_head.SharedHeadObjectives` (``hdkd_fast.lm.EarlyExitLM``) is called as
+    ``model(x, **objectives.forward_kwargs)`` and returns :class:`hdkd_fast.ExitFeatures` (the exits'
+    hidden states and their shared head) instead of logits; its own fused criterion defines the objectives
+    (``criterion`` must be ``None``), ``y`` is what its ``target`` maps to one label per row (a causal LM's
+    ``labels``), ``hypergrad="exact"`` is refused (the fused op has no second derivatives) and
+    :attr:`last_logits` stays ``None``.
+
     Args:
-        model: returns K logits (``Tensor[K, B, C]`` or a list of K ``Tensor[B, C]``); may be DDP-wrapped.
+        model: returns K logits (``Tensor[K, B, C]`` or a list of K ``Tensor[B, C]``), or defines its
+            objectives (above); may be DDP-wrapped.
         optimizer: the model's optimizer.
-        criterion: a :class:`hdkd_fast.DenseKD` (default ``DenseKD()``); its temperature, pairs,
-            detach_teacher, ignore_index and backend define the objectives.
+        criterion: a :class:`hdkd_fast.DenseKD` (default ``DenseKD()``; ``None`` for a model that defines its
+            objectives); its temperature, pairs, detach_teacher, ignore_index and backend define the objectives.
         weights: a :class:`HarmonizedWeights` (default: ``"per_exit"`` over the criterion's pairs, on the
             model's device and dtype). K comes from it, else ``criterion.num_exits``, else
             ``model.num_exits``.
@@ -200,12 +224,24 @@ class HDKD:
         self.model: nn.Module = model
         self.module: nn.Module = model.module if isinstance(model, DistributedDataParallel) else model
         self.optimizer: torch.optim.Optimizer = optimizer
-        self.criterion: DenseKD = DenseKD() if criterion is None else criterion
+        self.model_objectives: SharedHeadObjectives | None = model_objectives(self.module)
+        """The objectives the model defines itself (``None``: it returns logits, weighed by :attr:`criterion`)."""
+        if self.model_objectives is not None:
+            if criterion is not None:
+                raise ValueError(f"criterion must be None: {type(self.module).__name__} defines its objectives "
+                                 "itself (hdkd_objectives())")
+            if hypergrad == "exact":
+                raise ValueError("hypergrad='exact' needs second derivatives, which the fused shared-head op of "
+                                 f"{type(self.module).__name__} does not have; use 'fd' (or 'auto', 'jvp')")
+        self.criterion: DenseKD | None = (
+            None if self.model_objectives is not None else DenseKD() if criterion is None else criterion)
         self.weights: HarmonizedWeights = self._weights(weights)
         k = self.weights.num_exits
-        if self.criterion.num_exits is not None and self.criterion.num_exits != k:
-            raise ValueError(f"weights have num_exits={k} but criterion.num_exits={self.criterion.num_exits}")
-        if pair_mask(self.criterion.pairs, k, detach_teacher=self.criterion.detach_teacher) != self.weights.mask:
+        spec = self._spec()
+        num_exits = self._criterion_exits()
+        if num_exits is not None and num_exits != k:
+            raise ValueError(f"weights have num_exits={k} but the criterion's num_exits={num_exits}")
+        if pair_mask(spec.pairs, k, detach_teacher=spec.detach_teacher) != self.weights.mask:
             raise ValueError("weights were built for other pairs than the criterion's (criterion.pairs)")
         params = list(self.weights.parameters())
         if weight_optimizer is None and params:  # the lr is per training step (below: update_every)
@@ -232,33 +268,53 @@ class HDKD:
         """The (detached) logits of the last real step's forward (or of the gradient pass it reused), e.g.
         for training accuracy."""
 
+    def _criterion_exits(self) -> int | None:
+        """The number of exits the criterion (or the model's own objectives) was built for, if it says."""
+        if self.criterion is not None:
+            return self.criterion.num_exits
+        assert self.model_objectives is not None
+        return self.model_objectives.num_exits
+
     def _weights(self, weights: HarmonizedWeights | None) -> HarmonizedWeights:
         if weights is not None:
             return weights
-        k = self.criterion.num_exits
+        spec = self._spec()
+        k = self._criterion_exits()
         if k is None:
             k = getattr(self.module, "num_exits", None)
         if not isinstance(k, int):
             raise ValueError("cannot tell the number of exits: pass weights=HarmonizedWeights(K, ...), "
                              "a criterion with num_exits, or a model with a num_exits attribute")
         ref = next((p for p in self.module.parameters() if p.is_floating_point()), None)
-        built = HarmonizedWeights(k, self.criterion.pairs)
+        built = HarmonizedWeights(k, spec.pairs)
         return built if ref is None else built.to(device=ref.device, dtype=ref.dtype)
 
     # -- the pieces the functional core needs --------------------------------------------------
 
-    def _forward(self, params: dict[str, Tensor], x: Tensor) -> Logits:
+    def _checked(self, output: Any) -> Any:
+        """The model's output, checked: logits, or features for a model with its own objectives."""
+        if self.model_objectives is not None:
+            return check_features(output, self.weights.num_exits)
+        return model_logits(output, self.weights.num_exits)
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {} if self.model_objectives is None else dict(self.model_objectives.forward_kwargs)
+
+    def _forward(self, params: dict[str, Tensor], x: Tensor) -> Any:
         """The unwrapped model with ``params`` substituted and its buffers cloned (left unchanged)."""
         buffers = {n: b.clone() for n, b in self.module.named_buffers()}
-        return model_logits(functional_call(self.module, {**buffers, **params}, (x,)), self.weights.num_exits)
+        return self._checked(functional_call(self.module, {**buffers, **params}, (x,), self._kwargs()))
 
-    def _real_forward(self, params: dict[str, Tensor], x: Tensor) -> Logits:
+    def _real_forward(self, params: dict[str, Tensor], x: Tensor) -> Any:
         """The unwrapped model itself, for ``params`` = its own parameters (``_hypergradient`` passes
         them), with its real buffers (updated as in training): no re-parametrization."""
-        return model_logits(self.module(x), self.weights.num_exits)
+        return self._checked(self.module(x, **self._kwargs()))
 
-    def _spec(self) -> ObjectiveSpec:
+    def _spec(self) -> Objectives:
+        if self.model_objectives is not None:
+            return self.model_objectives
         c = self.criterion
+        assert c is not None
         return ObjectiveSpec(c.temperature, c.pairs, c.detach_teacher, c.ignore_index, c.backend)
 
     def _val_objective(self, ce: Tensor) -> Tensor:
@@ -378,13 +434,16 @@ class HDKD:
             named = dict(self.module.named_parameters())
             for name, grad in reused.train_grads.items():
                 named[name].grad = grad
-            self.last_logits = reused.train_logits
+            if self.model_objectives is None:
+                self.last_logits = reused.train_output
             return reused.train_loss
         w = self._current_weights()[0]
-        logits = model_logits(self.model(x), self.weights.num_exits)
-        loss = self.criterion(logits, y, weights=w)
+        spec = self._spec()
+        output = self._checked(self.model(x, **self._kwargs()))
+        loss = spec.weighted(output, y, w)
         loss.backward()
-        self.last_logits = logits.detach() if isinstance(logits, Tensor) else [z.detach() for z in logits]
+        if self.model_objectives is None:
+            self.last_logits = spec.detach(output)
         return loss
 
     def _update_weights(self, grads: list[Tensor], val_ce: Tensor) -> None:

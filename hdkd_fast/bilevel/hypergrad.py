@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -72,14 +72,65 @@ FD_DTYPES = (torch.float32, torch.float64)
 """Logit dtypes precise enough for ``"fd"`` (``"auto"`` takes ``"jvp"`` for others, e.g. bf16 autocast,
 whose rounding of z, about 0.4 % of |z|, leaves √eps ≈ 9 % error in a one-sided difference at best)."""
 
-Forward = Callable[[dict[str, Tensor], Tensor], Logits]
-"""``forward(params, x) -> logits``: the model evaluated with ``params`` substituted (functional call)."""
+Forward = Callable[[dict[str, Tensor], Tensor], Any]
+"""``forward(params, x) -> output``: the model evaluated with ``params`` substituted (functional call); the
+output is what the :class:`Objectives` take: logits for :class:`ObjectiveSpec`."""
 ValObjective = Callable[[Tensor], Tensor]
 """``val_objective(ce) -> scalar``: the validation objective from the validation cross-entropies ``ce[K]``."""
 
 
+class Objectives(Protocol):
+    """What the bilevel step needs to know of a model's output: its objectives, in closed form.
+
+    ``output`` is what the model's forward returns: K exits' logits for :class:`ObjectiveSpec`, or the
+    exits' hidden states and their shared head (:class:`hdkd_fast.bilevel.shared_head.SharedHeadObjectives`).
+    Every method but :meth:`weighted` may be called inside ``torch.autograd.forward_ad.dual_level`` with a
+    dual output, and must then return dual losses.
+    """
+
+    @property
+    def pairs(self) -> PairSpec:
+        """The selected (student, teacher) pairs."""
+        ...
+
+    @property
+    def detach_teacher(self) -> bool:
+        """Whether a pair's gradient reaches only its student."""
+        ...
+
+    def losses(self, output: Any, target: Tensor) -> KDLosses:
+        """Every objective, ``ce [K]`` and ``kd [K, K]`` (0 outside the pairs)."""
+        ...
+
+    def weighted(self, output: Any, target: Tensor, weights: LossWeights) -> Tensor:
+        """:math:`\\langle w, l\rangle`, differentiable w.r.t. the output (and the weights for ``"exact"``)."""
+        ...
+
+    def cross_entropy(self, output: Any, target: Tensor) -> Tensor:
+        """``ce [K]`` alone, differentiable w.r.t. the output (the validation objective)."""
+        ...
+
+    def detach(self, output: Any) -> Any:
+        """``output`` without its graph."""
+        ...
+
+    def dtype(self, output: Any) -> torch.dtype:
+        """The floating dtype of ``output`` (``"auto"`` and ``"fd"`` decide by it)."""
+        ...
+
+    def fd_dual(self, base: Any, moved: Any, eps: float) -> Any:
+        """Inside a ``dual_level``: ``base`` with the tangent ``(moved - base) / eps`` (the ``"fd"`` step)."""
+        ...
+
+
+def logits_dtype(logits: Logits) -> torch.dtype:
+    """The dtype of K exits' logits (a stacked tensor or a list)."""
+    return (logits if isinstance(logits, Tensor) else logits[0]).dtype
+
+
 class ObjectiveSpec(NamedTuple):
-    """The criterion's configuration: the arguments of :func:`hdkd_fast.dense_kd_losses`."""
+    """The criterion's configuration: the arguments of :func:`hdkd_fast.dense_kd_losses`. The
+    :class:`Objectives` of a model that returns K exits' logits."""
 
     temperature: float = 4.0
     pairs: PairSpec = "dense"
@@ -115,6 +166,18 @@ class ObjectiveSpec(NamedTuple):
         nll = F.cross_entropy(z.reshape(k * b, c), target.repeat(k), ignore_index=self.ignore_index,
                               reduction="none").view(k, b)
         return nll.sum(1) / (target != self.ignore_index).sum().clamp(min=1)
+
+    def detach(self, output: Logits) -> Logits:
+        return output.detach() if isinstance(output, Tensor) else [z.detach() for z in output]
+
+    def dtype(self, output: Logits) -> torch.dtype:
+        return logits_dtype(output)
+
+    def fd_dual(self, base: Logits, moved: Logits, eps: float) -> Logits:
+        if isinstance(base, Tensor):
+            assert isinstance(moved, Tensor)
+            return fwAD.make_dual(base, (moved - base) / eps)
+        return [fwAD.make_dual(b, (a - b) / eps) for a, b in zip(moved, base, strict=True)]
 
 
 class InnerRule(NamedTuple):
@@ -234,7 +297,7 @@ class Hypergradient(NamedTuple):
     val_loss: Tensor  # L_val(θ')
     train_loss: Tensor  # L_train(θ, w)
     train_grads: dict[str, Tensor | None]  # ∇θ L_train(θ, w) (None where unused), as the optimizer's .grad
-    train_logits: Logits  # z(θ; x) of the gradient pass
+    train_output: Any  # the model's output z(θ; x) of the gradient pass (logits for ObjectiveSpec), detached
 
 
 def weight_hypergradient(
@@ -242,7 +305,7 @@ def weight_hypergradient(
     params: Mapping[str, Tensor],
     rules: Mapping[str, InnerRule],
     weights: LossWeights,
-    spec: ObjectiveSpec,
+    spec: Objectives,
     val_objective: ValObjective,
     x: Tensor,
     y: Tensor,
@@ -301,12 +364,12 @@ def weight_hypergradient(
                  for n, p in params.items() if n in rules}
         names = list(theta)
 
-        train_logits = (train_forward or forward)(theta, x)
-        train_loss = spec.weighted(train_logits, y, w)
+        train_output = (train_forward or forward)(theta, x)
+        train_loss = spec.weighted(train_output, y, w)
         grads = torch.autograd.grad(train_loss, [theta[n] for n in names], create_graph=exact, allow_unused=True)
-        base = train_logits.detach() if isinstance(train_logits, Tensor) else [z.detach() for z in train_logits]
+        base = spec.detach(train_output)
         if mode == "auto":
-            mode = "fd" if (base if isinstance(base, Tensor) else base[0]).dtype in FD_DTYPES else "jvp"
+            mode = "fd" if spec.dtype(base) in FD_DTYPES else "jvp"
         after_train = _RngReplay(x.device)
         try:
             d_ce, d_kd, val_ce, val_loss = _hypergradient_from_step(
@@ -321,9 +384,9 @@ def weight_hypergradient(
 
 
 def _hypergradient_from_step(forward: Forward, theta: dict[str, Tensor], grads: dict[str, Tensor | None],
-                             rules: Mapping[str, InnerRule], w: LossWeights, spec: ObjectiveSpec,
+                             rules: Mapping[str, InnerRule], w: LossWeights, spec: Objectives,
                              val_objective: ValObjective, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor,
-                             base: Logits, replay: _RngReplay, mode: str, fixed_length: bool
+                             base: Any, replay: _RngReplay, mode: str, fixed_length: bool
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Steps 2-4 of :func:`weight_hypergradient`: ``(∂L_val/∂w_ce, ∂L_val/∂w_kd, val_ce, L_val)``."""
     exact = mode == "exact"
@@ -366,8 +429,8 @@ def _norm(tensors: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
 
-def _directional_derivative(forward: Forward, spec: ObjectiveSpec, primal: dict[str, Tensor],
-                            tangent: dict[str, Tensor], base: Logits, x: Tensor, y: Tensor, replay: _RngReplay,
+def _directional_derivative(forward: Forward, spec: Objectives, primal: dict[str, Tensor],
+                            tangent: dict[str, Tensor], base: Any, x: Tensor, y: Tensor, replay: _RngReplay,
                             mode: str) -> tuple[Tensor, Tensor]:
     r"""``d/dt (ce, kd)(θ + t u)`` at 0 as seen by the training gradient (the op's JVP honours
     ``detach_teacher``: with a detached teacher ``kd[i, j]`` moves with the student's logits only).
@@ -379,14 +442,14 @@ def _directional_derivative(forward: Forward, spec: ObjectiveSpec, primal: dict[
     graph; then the same forward-mode pass through the loss alone.
     """
 
-    def logits(p: dict[str, Tensor]) -> Logits:
+    def output(p: dict[str, Tensor]) -> Any:
         replay()
         return forward(p, x)
 
     with torch.no_grad():
         if mode == "jvp":  # torch.func.jvp's engine without functorch's per-op wrapping (~1.6× faster here)
             with fwAD.dual_level():
-                return _loss_tangents(spec, logits({n: fwAD.make_dual(p, tangent[n]) for n, p in primal.items()}), y)
+                return _loss_tangents(spec, output({n: fwAD.make_dual(p, tangent[n]) for n, p in primal.items()}), y)
         norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tangent.values()))).double()))
         if norm == 0 or not math.isfinite(norm):  # u = 0: nothing moves; u not finite: NaN tangents
             ce, kd = spec.losses(base, y)
@@ -394,22 +457,17 @@ def _directional_derivative(forward: Forward, spec: ObjectiveSpec, primal: dict[
             fill = 0.0 if norm == 0 else math.nan
             return torch.full_like(ce, fill), torch.full_like(kd, fill)
         names = list(primal)
-        dtypes = {(base if isinstance(base, Tensor) else base[0]).dtype, *(primal[n].dtype for n in names)}
+        dtypes = {spec.dtype(base), *(primal[n].dtype for n in names)}
         eps = FD_STEP * math.sqrt(max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)) / norm
         moved = torch._foreach_add([primal[n] for n in names], [tangent[n] for n in names], alpha=eps)
-        plus = logits(dict(zip(names, moved, strict=True)))
+        plus = output(dict(zip(names, moved, strict=True)))
         with fwAD.dual_level():
-            if isinstance(base, Tensor):
-                assert isinstance(plus, Tensor)
-                dual: Logits = fwAD.make_dual(base, (plus - base) / eps)
-            else:
-                dual = [fwAD.make_dual(b, (a - b) / eps) for a, b in zip(plus, base, strict=True)]
-            return _loss_tangents(spec, dual, y)
+            return _loss_tangents(spec, spec.fd_dual(base, plus, eps), y)
 
 
-def _loss_tangents(spec: ObjectiveSpec, logits: Logits, y: Tensor) -> tuple[Tensor, Tensor]:
-    """The tangents of ``(ce, kd)`` at dual ``logits`` (inside a ``dual_level``; zeros where none)."""
-    ce, kd = spec.losses(logits, y)
+def _loss_tangents(spec: Objectives, output: Any, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The tangents of ``(ce, kd)`` at a dual ``output`` (inside a ``dual_level``; zeros where none)."""
+    ce, kd = spec.losses(output, y)
     assert ce is not None
     (ce, d_ce), (kd, d_kd) = fwAD.unpack_dual(ce), fwAD.unpack_dual(kd)
     return (torch.zeros_like(ce) if d_ce is None else d_ce), (torch.zeros_like(kd) if d_kd is None else d_kd)

@@ -1,5 +1,6 @@
 """What a new user's install prints (scripts/setup_env.sh, pip install): no warning from the package's own
-build configuration. (tests/integration/test_install.py does the whole install, slowly.)"""
+build configuration; and a source checkout hides no installed package. (tests/integration/test_install.py does
+the whole install, slowly.)"""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
@@ -41,3 +44,34 @@ def test_setup_py_prints_no_warning_when_numpy_is_missing() -> None:
     assert proc.stdout.strip().splitlines()[-1] == "hdkd_fast"
     assert "Failed to initialize NumPy" not in proc.stderr, proc.stderr
     assert "Warning" not in proc.stderr, proc.stderr  # e.g. setuptools' `project.license` deprecation
+
+
+def shadowed_modules(root: Path, installed: Mapping[str, Sequence[str]], own: str = "hdkd_fast") -> list[str]:
+    """The top-level modules of installed distributions that ``root`` hides when it is on ``sys.path`` (pytest's
+    rootdir, ``python`` started in the checkout, ``PYTHONPATH=.``): a regular package (a folder with
+    ``__init__.py``) or a ``.py`` file at the root wins over the installed module of the same name.
+    ``installed`` maps top-level names to their distributions (``importlib.metadata.packages_distributions()``);
+    ``own`` is the one name the checkout is meant to provide."""
+    names = {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    names |= {p.stem for p in root.glob("*.py")}
+    return sorted(f"{name} (installed by {', '.join(installed[name])})" for name in names - {own} if name in installed)
+
+
+def test_the_repository_root_shadows_no_installed_package() -> None:
+    """The Triton kernels were a top-level ``kernels/`` once, and hid Hugging Face's ``kernels`` (which
+    transformers 5 imports) from every process started in the checkout."""
+    shadowed = shadowed_modules(REPO, packages_distributions())
+    assert not shadowed, f"the repository root hides installed modules: {shadowed}; rename the folder or file"
+
+
+def test_the_shadow_check_can_fail(tmp_path: Path) -> None:
+    for folder in ("kernels", "hdkd_fast", "docs"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    (tmp_path / "hdkd_fast" / "__init__.py").write_text("")
+    (tmp_path / "setup.py").write_text("")
+    installed = {"kernels": ["kernels"], "hdkd_fast": ["hdkd_fast"], "docs": ["docs"], "setup": ["setup-x"],
+                 "torch": ["torch"]}
+    # a folder without __init__.py (docs/) is a namespace portion: an installed package of that name wins
+    assert shadowed_modules(tmp_path, installed) == ["kernels (installed by kernels)",
+                                                     "setup (installed by setup-x)"]
