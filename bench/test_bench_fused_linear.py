@@ -10,11 +10,11 @@ has free (or of the GPU) is skipped with the estimate in its reason; on the CPU 
 about 3·2·K·N·V·H flops (11 s at K = 2, N = 2048, V = 32000 on 2 cores), so run the cells you can afford
 with ``-k``.
 
-Peak extra memory (``extra_info["peak_extra_bytes"]``): on the CPU, tracemalloc does not see torch's
-allocations, so each case first runs this file as a script in a fresh process, which builds the inputs,
-reads its resident set (``VmRSS``), resets the peak (``/proc/self/clear_refs``), runs one step and reads
-the peak (``VmHWM``): the step's extra memory above its inputs, as the kernel counts it, allocator
-caching included. On CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the step.
+Peak extra memory (``extra_info["peak_extra_bytes"]``; ``bench/peak_memory.py``): on the CPU each case
+first runs this file as a script in a fresh process, which builds the inputs and measures one step's peak
+resident set above the resident set before it (``VmHWM`` after a reset), as the kernel counts it,
+allocator caching included. On CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before
+the step.
 Time: pytest-benchmark in the test process, rounds of one step after a warm-up step (on the CPU with
 ``--full``: one round, no warm-up; every step of the materialized paths faults its fresh logits in anyway).
 """
@@ -22,17 +22,13 @@ Time: pytest-benchmark in the test process, rounds of one step after a warm-up s
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
+from peak_memory import available_bytes, cuda_peak, peak_in_subprocess, peak_rss
 
 import hdkd_fast as hk
 
@@ -102,65 +98,34 @@ def estimated_bytes(impl: str, k: int, n: int, v: int, h: int) -> int:
     return (4 + k) * logits + 2 * grads  # the loop: log-softmaxes per exit and per pair, their gradients
 
 
-def _available_bytes() -> int:
-    if CUDA:
-        return torch.cuda.get_device_properties(DEVICE).total_memory
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) * 1024
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(field + ":"))
-    return int(line.split()[1])
-
-
 def measure_peak_rss(impl: str, k: int, n: int, v: int, h: int) -> dict[str, int]:
     """In this process: the inputs, a tiny warm-up of ``impl`` (loads the extension), then one step with
-    the kernel's peak-RSS counter reset; returns the peak above the resident set before the step."""
+    the kernel's peak-RSS counter reset (``peak_memory.peak_rss``)."""
     make_step(impl, 2)(*inputs(2, 8, 16, 8, torch.float32, DEVICE))
     tensors = inputs(k, n, v, h, torch.float32, DEVICE)
     step = make_step(impl, k)
-    gc.collect()
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    step(*tensors)
-    return {"rss_before_bytes": before * 1024, "peak_extra_bytes": (_status_kib("VmHWM") - before) * 1024}
-
-
-def _peak_in_subprocess(impl: str, k: int, n: int, v: int, h: int) -> dict[str, int]:
-    cmd = [sys.executable, __file__, "--impl", impl, *map(str, ("--k", k, "--n", n, "--v", v, "--h", h))]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    result: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    return peak_rss(lambda: step(*tensors))
 
 
 def test_fused_linear_dense_kd(benchmark, tiny_grid: bool, full_grid: bool, impl: str,
                                shape: tuple[int, int, int, int]) -> None:
     k, n, v, h = shape
     need = estimated_bytes(impl, k, n, v, h)
-    if need > 0.8 * _available_bytes():
+    if need > 0.8 * available_bytes(DEVICE):
         pytest.skip(f"needs ~{need / 1e9:.1f} GB (logits alone {k * n * v * 4 / 1e9:.1f} GB), more than 80 % of "
-                    f"the {_available_bytes() / 1e9:.1f} GB available")
+                    f"the {available_bytes(DEVICE) / 1e9:.1f} GB available")
     dtype = torch.bfloat16 if CUDA and not tiny_grid else torch.float32
     info: dict[str, object] = dict(impl=impl, K=k, N=n, V=v, H=h, dtype=str(dtype), device=DEVICE.type,
                                    logits_bytes=k * n * v * 4)
     if not CUDA:
-        info.update(_peak_in_subprocess(impl, k, n, v, h))
+        args = ["--impl", impl, "--k", str(k), "--n", str(n), "--v", str(v), "--h", str(h)]
+        info.update(peak_in_subprocess(__file__, args))
     tensors = inputs(k, n, v, h, dtype, DEVICE)
     step = make_step(impl, k)
     if not full_grid or CUDA:  # the full CPU grid times the first step: a step costs seconds to minutes there
         step(*tensors)
     if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step(*tensors)
-        torch.cuda.synchronize()
-        info["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
+        info["peak_extra_bytes"] = cuda_peak(lambda: step(*tensors))
 
     def timed() -> None:
         step(*tensors)
