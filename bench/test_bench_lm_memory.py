@@ -86,25 +86,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("impl", list(IMPLS))
 
 
-def import_transformers() -> Any:
-    """``transformers``, through ``tests/support/hf.py`` when the repository root is importable (its
-    ``kernels/`` would shadow Hugging Face's ``kernels`` package); ``pytest.skip`` without it."""
-    try:
-        from tests.support.hf import import_transformers as load
-    except ImportError:
-        import importlib
-
-        def load() -> Any:
-            return importlib.import_module("transformers")
-    try:
-        return load()
-    except ImportError as e:
-        pytest.skip(f"transformers is not installed ({e})")
-
-
 def build(shape: Shape) -> tuple[nn.Module, Tensor]:
     """The model (seeded: the same weights in every process) and a batch of random ids ``[B, T]``."""
-    transformers = import_transformers()
+    transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.mlp,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
