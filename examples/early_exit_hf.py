@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import platform
@@ -112,7 +113,7 @@ def prompts_from(stream: Tensor, eot: int, count: int, length: int) -> list[Tens
     that are at least that long (a fortune starts after an ``EOT``)."""
     starts = [0] + [i + 1 for i in (stream == eot).nonzero().flatten().tolist()]
     out = []
-    for a, b in zip(starts, starts[1:], strict=False):
+    for a, b in itertools.pairwise(starts):
         if b - 1 - a >= length:
             out.append(stream[a : a + length].unsqueeze(0))
             if len(out) == count:
@@ -176,8 +177,8 @@ def evaluate(wrapper: EarlyExitLM, stream: Tensor, context: int, tokens: int, ro
     exit's teacher-forced top-1 agreement with the last exit, :math:`\\frac1N \\sum_t [\\arg\\max z_k =
     \\arg\\max z_K]`, over the first ``tokens`` tokens of ``stream`` cut into windows of ``context`` (each
     window predicts its ``context - 1`` next tokens; N counts them)."""
-    model = wrapper.model
-    head = model.get_output_embeddings()
+    model: Any = wrapper.model
+    head: Any = model.get_output_embeddings()
     was_training = model.training
     model.eval()
     n = tokens // context
@@ -309,14 +310,15 @@ def train_one(method: str, seed: int, args: argparse.Namespace, transformers: An
     wrapper = EarlyExitLM(model, exit_layers=exits)
     bilevel = None
     if method == "layerskip":
-        k = len(exits) + 1
-        wrapper = EarlyExitLM(model, exit_layers=exits, ce_weight=torch.ones(k), kd_weight=0.0,
-                              pairs=torch.zeros(k, k, dtype=torch.bool))  # no KD pairs: none computed
+        all_exits = (*exits, args.layers)
+        on = None if args.curriculum == "none" else gradual_curriculum(all_exits, args.layers, 0, args.steps)
+        wrapper = EarlyExitLM(model, exit_layers=exits, kd_weight=0.0,
+                              ce_weight=layerskip_scale(all_exits, args.layers, args.e_scale, on))
     elif method == "dense_kd":
         wrapper = EarlyExitLM(model, exit_layers=exits, temperature=args.temperature)
     elif method == "hdkd":
         wrapper = EarlyExitLM(model, exit_layers=exits, temperature=args.temperature)
-        bilevel = hk.HDKD(wrapper, optimizer, hypergrad="fd", update_every=args.update_every)  # type: ignore[arg-type]
+        bilevel = hk.HDKD(wrapper, optimizer, hypergrad="fd", update_every=args.update_every)
     elif method != "ce_last":
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     tokens_per_step = args.batch * args.context
@@ -335,18 +337,18 @@ def train_one(method: str, seed: int, args: argparse.Namespace, transformers: An
                 stats = bilevel.step(x, x)
             loss = torch.tensor(stats.get("loss", float("nan")))
         else:
-            if method == "layerskip" and args.curriculum == "gradual":
+            if method == "layerskip" and args.curriculum == "gradual":  # C(t, l) changes with the step
                 on = gradual_curriculum(wrapper.exit_layers, args.layers, step, args.steps)
-                wrapper.criterion.ce_weight.copy_(layerskip_scale(wrapper.exit_layers, args.layers, args.e_scale, on))
-            elif method == "layerskip":
-                wrapper.criterion.ce_weight.copy_(layerskip_scale(wrapper.exit_layers, args.layers, args.e_scale))
+                ce_weight = wrapper.criterion.ce_weight
+                assert isinstance(ce_weight, Tensor)  # a buffer: updated in place
+                ce_weight.copy_(layerskip_scale(wrapper.exit_layers, args.layers, args.e_scale, on))
             loss = wrapper(x, labels=x).loss
         if bilevel is None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             elapsed = time.perf_counter() - start
             recent = losses[-args.log_every:]
@@ -364,7 +366,7 @@ def train_one(method: str, seed: int, args: argparse.Namespace, transformers: An
         result["weights"] = {"names": bilevel.weights.objective_names(), "values": bilevel.weights.vector().tolist()}
     elif method == "layerskip":
         result["weights"] = {"names": [f"ce[{e}]" for e in wrapper.exit_layers],
-                             "values": wrapper.criterion.ce_weight.tolist()}
+                             "values": torch.as_tensor(wrapper.criterion.ce_weight).tolist()}
     start = time.perf_counter()
     result["eval"] = evaluate(wrapper, data["eval"], args.context, args.eval_tokens)
     result["eval"]["seconds"] = time.perf_counter() - start
@@ -397,28 +399,37 @@ def report(out: Path) -> str:
     first = runs[methods[0]][0]
     exit_layers = first["exit_layers"]
     g = first["generation"]
-    rows: list[tuple[str, Callable[[dict[str, Any]], float], str]] = []
+    # (row name, path of keys into a result, multiplier, format)
+    rows: list[tuple[str, tuple[Any, ...], float, str]] = []
     for i, e in enumerate(exit_layers):
-        rows.append((f"eval perplexity, exit {e}" + (" (last)" if i == len(exit_layers) - 1 else ""),
-                     lambda r, i=i: r["eval"]["ppl"][i], ".2f"))
+        last = " (last)" if i == len(exit_layers) - 1 else ""
+        rows.append((f"eval perplexity, exit {e}{last}", ("eval", "ppl", i), 1.0, ".2f"))
     for i, e in enumerate(exit_layers[:-1]):
-        rows.append((f"top-1 agreement with last, exit {e} (%)", lambda r, i=i: 100 * r["eval"]["agreement"][i], ".1f"))
+        rows.append((f"top-1 agreement with last, exit {e} (%)", ("eval", "agreement", i), 100.0, ".1f"))
     for i, e in enumerate(exit_layers[:-1]):
-        rows += [(f"drafts accepted, exit {e} (%)", lambda r, i=i: 100 * r["generation"]["exits"][i]["acceptance"], ".1f"),
-                 (f"tokens/s, assistant_early_exit={e}", lambda r, i=i: r["generation"]["exits"][i]["tokens_per_s"], ".1f"),
-                 (f"speed-up, exit {e}", lambda r, i=i: r["generation"]["exits"][i]["speedup"], ".3f")]
-    rows += [("tokens/s, plain greedy", lambda r: r["generation"]["plain_tokens_per_s"], ".1f"),
-             ("train time (s)", lambda r: r["train"]["seconds"], ".0f"),
-             ("train tokens/s", lambda r: r["train"]["tokens_per_s"], ".0f"),
-             ("final train loss", lambda r: r["train"]["final_loss"], ".3f")]
+        rows += [(f"drafts accepted, exit {e} (%)", ("generation", "exits", i, "acceptance"), 100.0, ".1f"),
+                 (f"tokens/s, assistant_early_exit={e}", ("generation", "exits", i, "tokens_per_s"), 1.0, ".1f"),
+                 (f"speed-up, exit {e}", ("generation", "exits", i, "speedup"), 1.0, ".3f")]
+    rows += [("tokens/s, plain greedy", ("generation", "plain_tokens_per_s"), 1.0, ".1f"),
+             ("train time (s)", ("train", "seconds"), 1.0, ".0f"),
+             ("train tokens/s", ("train", "tokens_per_s"), 1.0, ".0f"),
+             ("final train loss", ("train", "final_loss"), 1.0, ".3f")]
+
+    def get(r: Any, keys: tuple[Any, ...], scale: float) -> float:
+        for key in keys:
+            r = r[key]
+        return scale * float(r)
+
     lines = [f"{first['train']['steps']} steps of {first['train']['tokens'] // first['train']['steps']} tokens; "
              f"eval: {first['eval']['tokens']} tokens; generation: {g['prompts']} prompts of {g['prompt_tokens']} "
              f"tokens, {g['new_tokens']} new tokens, greedy, batch 1, draft length {g['draft_tokens']} "
              f"(schedule {g['schedule']}, confidence threshold {g['confidence_threshold']})", ""]
-    lines.append("| | " + " | ".join(f"{m} (seeds {', '.join(str(r['seed']) for r in runs[m])})" for m in methods) + " |")
+    seeds = {m: ", ".join(str(r["seed"]) for r in runs[m]) for m in methods}
+    lines.append("| | " + " | ".join(f"{m} (seeds {seeds[m]})" for m in methods) + " |")
     lines.append("|---|" + "---|" * len(methods))
-    for name, get, fmt in rows:
-        lines.append(f"| {name} | " + " | ".join(_mean_std([get(r) for r in runs[m]], fmt) for m in methods) + " |")
+    for name, keys, scale, fmt in rows:
+        cells = [_mean_std([get(r, keys, scale) for r in runs[m]], fmt) for m in methods]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for i, e in enumerate(exit_layers[:-1]):
         cells = []
         for m in methods:
@@ -490,7 +501,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
     args.methods = methods
     if not args.exits or any(not 1 <= e < args.layers for e in args.exits):
-        p.error(f"--exits must be early exits in [1, {args.layers}) (the last layer is always an exit); got {args.exits}")
+        p.error(f"--exits must be early exits in [1, {args.layers}) (the last layer is always one); got {args.exits}")
     return args
 
 
@@ -509,7 +520,8 @@ def environment() -> dict[str, Any]:
     return {"cpu": cpu, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-            "hdkd_fast": hk.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "hdkd_fast": hk.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
