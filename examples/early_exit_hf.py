@@ -193,7 +193,8 @@ def evaluate(wrapper: EarlyExitLM, stream: Tensor, context: int, tokens: int, ro
         ids = x[a : a + rows]
         target = ids[:, 1:].reshape(-1)
         hidden = wrapper.exit_hidden_states(ids)
-        logits = [head(h[:, :-1]).reshape(target.shape[0], -1).float() for h in hidden]
+        logits = [head(h[:, :-1]).reshape(target.shape[0], -1) for h in hidden]
+        logits = [z.to(torch.promote_types(z.dtype, torch.float32)) for z in logits]  # bf16/fp16 -> fp32
         last = logits[-1].argmax(-1)
         for i, z in enumerate(logits):
             nll[i] += F.cross_entropy(z, target, reduction="sum").double()
@@ -205,13 +206,14 @@ def evaluate(wrapper: EarlyExitLM, stream: Tensor, context: int, tokens: int, ro
 
 
 @contextmanager
-def count_drafts(model: Any) -> Iterator[dict[str, int]]:
+def count_drafts(model: Any) -> Iterator[dict[str, Any]]:
     """Counts, over the ``generate`` calls inside the block, the draft rounds, the tokens drafted and the
     drafted tokens accepted. transformers' ``_assisted_decoding`` calls ``candidate_generator.
     update_candidate_strategy(input_ids, scores, num_matches)`` once per round with ``scores`` holding the
     ``candidate_length + 1`` verified positions and ``num_matches`` the accepted draft tokens; the
-    generator comes from ``model._get_candidate_generator``, wrapped here on the instance."""
-    counts = {"rounds": 0, "drafted": 0, "accepted": 0}
+    generator comes from ``model._get_candidate_generator``, wrapped here on the instance. ``counts["log"]``
+    lists ``(sequence length after the round, drafted, accepted)`` per round."""
+    counts: dict[str, Any] = {"rounds": 0, "drafted": 0, "accepted": 0, "log": []}
     original = model._get_candidate_generator
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -222,6 +224,7 @@ def count_drafts(model: Any) -> Iterator[dict[str, int]]:
             counts["rounds"] += 1
             counts["drafted"] += scores.shape[1] - 1
             counts["accepted"] += int(num_matches)
+            counts["log"].append((input_ids.shape[1], scores.shape[1] - 1, int(num_matches)))
             return update(input_ids, scores, num_matches)
 
         generator.update_candidate_strategy = counting
