@@ -416,7 +416,7 @@ def report(out: Path) -> str:
     rows += [("tokens/s, plain greedy", ("generation", "plain_tokens_per_s"), 1.0, ".1f"),
              ("train time (s)", ("train", "seconds"), 1.0, ".0f"),
              ("train tokens/s", ("train", "tokens_per_s"), 1.0, ".0f"),
-             ("final train loss", ("train", "final_loss"), 1.0, ".3f")]
+             ("final train loss (own objective)", ("train", "final_loss"), 1.0, ".3f")]
 
     def get(r: Any, keys: tuple[Any, ...], scale: float) -> float:
         for key in keys:
