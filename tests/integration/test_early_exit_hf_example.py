@@ -7,8 +7,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import runpy
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,15 +27,7 @@ needs_fortunes = pytest.mark.skipif(not FORTUNES.is_dir(),
                                     reason="needs the fortunes data: apt-get install -y fortunes")
 
 
-def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("early_exit_hf", ROOT / "examples" / "early_exit_hf.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ee = load_example()
+ee = SimpleNamespace(**runpy.run_path(str(ROOT / "examples" / "early_exit_hf.py"), run_name="early_exit_hf"))
 
 
 def tiny_llama(seed: int = 0, layers: int = 3, vocab: int = 41) -> Any:
