@@ -389,16 +389,21 @@ def _mean_std(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
-def report(out: Path) -> str:
-    """The Markdown table of every ``<method>_seed<seed>.json`` in ``out``: mean ± std (sample) over seeds;
-    mismatch counts summed over seeds."""
+def load_runs(out: Path) -> tuple[list[str], dict[str, list[dict[str, Any]]]]:
+    """Every ``<method>_seed<seed>.json`` in ``out``, by method; the methods in :data:`METHODS` order."""
     runs: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(out.glob("*_seed*.json")):
         r = json.loads(path.read_text())
         runs.setdefault(r["method"], []).append(r)
     if not runs:
         raise FileNotFoundError(f"no <method>_seed<seed>.json result files in {out}")
-    methods = [m for m in METHODS if m in runs] + sorted(set(runs) - set(METHODS))
+    return [m for m in METHODS if m in runs] + sorted(set(runs) - set(METHODS)), runs
+
+
+def report(out: Path) -> str:
+    """The Markdown table of every ``<method>_seed<seed>.json`` in ``out``: mean ± std (sample) over seeds;
+    mismatch counts summed over seeds."""
+    methods, runs = load_runs(out)
     first = runs[methods[0]][0]
     exit_layers = first["exit_layers"]
     g = first["generation"]
@@ -451,6 +456,45 @@ def report(out: Path) -> str:
     return "\n".join(lines)
 
 
+def plot(out: Path, path: Path) -> None:
+    """A PNG of the runs in ``out`` against the exit's depth, one line per method (mean, bars: ± std over seeds):
+    evaluation perplexity at every exit, the share of drafted tokens accepted and the decoding speed-up of
+    ``assistant_early_exit=E`` at every early exit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, runs = load_runs(out)
+    exits = runs[methods[0]][0]["exit_layers"]
+    panels = [("eval perplexity (log scale)", lambda r: r["eval"]["ppl"], exits),
+              ("drafted tokens accepted (%)", lambda r: [100 * x["acceptance"] for x in r["generation"]["exits"]],
+               exits[:-1]),
+              ("speed-up over plain greedy (x)", lambda r: [x["speedup"] for x in r["generation"]["exits"]],
+               exits[:-1])]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (title, values, xs) in zip(axes, panels, strict=True):
+        for i, m in enumerate(methods):
+            per_seed = [values(r) for r in runs[m]]
+            mean = [statistics.mean(v) for v in zip(*per_seed, strict=True)]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*per_seed, strict=True)]
+            shift = (i - (len(methods) - 1) / 2) * 0.08  # keep the error bars apart
+            ax.errorbar([x + shift for x in xs], mean, yerr=std, marker="o", capsize=3,
+                        label=f"{m} ({len(per_seed)} seeds)")
+        ax.set_title(title)
+        ax.set_xlabel("exit: decoder layers before it")
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[2].axhline(1.0, color="gray", lw=0.8)
+    axes[0].legend(fontsize=8)
+    steps = runs[methods[0]][0]["train"]["steps"]
+    fig.suptitle(f"HF Llama, {len(exits)} exits, {steps} steps on fortunes: early_exit_hf.py", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -465,6 +509,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/early_exit_hf"), help="folder of the per-run JSON files")
     p.add_argument("--report", action="store_true", help="print the Markdown table of the runs in --out; train nothing")
+    p.add_argument("--plot", type=Path, default=None, help="with --report: also write this PNG of the runs")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2])
     p.add_argument("--data", type=Path, default=FORTUNES, help="folder of fortune files")
@@ -532,6 +577,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
         print(report(args.out))
+        if args.plot is not None:
+            plot(args.out, args.plot)
+            print(f"plot: {args.plot}")
         return 0
     try:
         import tokenizers  # noqa: F401

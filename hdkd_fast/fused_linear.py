@@ -95,9 +95,14 @@ def _chunks(hidden: tuple[Tensor, ...], stacked: bool, w: Tensor, b: Tensor | No
         rows = slice(start, min(n, start + chunk))
         h = hidden[0][:, rows] if stacked else torch.stack([x[rows] for x in hidden])
         h = h.to(w.dtype)
-        flat = h.reshape(-1, h.shape[-1])
-        z = torch.mm(flat, w.t()) if b is None else torch.addmm(b, flat, w.t())
-        yield rows, h, z.view(h.shape[0], h.shape[1], -1)
+        yield rows, h, _chunk_logits(h, w, b)  # this frame keeps no reference: the caller frees z
+
+
+def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``h Wᵀ + b`` for ``h [K, c, H]``: ``[K, c, V]``."""
+    flat = h.reshape(-1, h.shape[-1])
+    z = torch.mm(flat, w.t()) if b is None else torch.addmm(b, flat, w.t())
+    return z.view(h.shape[0], h.shape[1], -1)
 
 
 def _rows_of(weight: Tensor | None, rows: slice, per_row: bool) -> Tensor | None:
@@ -135,6 +140,7 @@ def _sweep(spec: FusedSpec, target: Tensor | None, ce_weight: Tensor | None, kd_
                 detach_teacher=op.detach_teacher, ignore_index=op.ignore_index,
                 reduction="none" if per_row else "sum", compute_grad=compute_grad,
             )
+            del z  # only the gradient is needed from here: one [K, c, V] buffer alive, not two
             kd_parts.append(kd)
             if ce is not None:
                 ce_parts.append(ce)
@@ -143,6 +149,7 @@ def _sweep(spec: FusedSpec, target: Tensor | None, ce_weight: Tensor | None, kd_
                 d_weight.addmm_(g.reshape(-1, g.shape[-1]).t(), h.reshape(-1, h.shape[-1]))
                 if d_bias is not None:
                     d_bias += g.sum((0, 1))
+            del g
     return (_reduce(ce_parts, r_ce, per_row) if ce_parts else None, _reduce(kd_parts, r_kd, per_row),
             d_hidden, d_weight, d_bias)
 
@@ -308,6 +315,7 @@ def _jvp_sweep(spec: FusedSpec, target: Tensor | None, weight: Tensor, bias: Ten
             kd_parts.append(d_kd)
             if d_ce is not None:
                 ce_parts.append(d_ce)
+            del z, dz, dz_h  # as in _sweep: one chunk's logits and tangents alive at a time
     return (_reduce(ce_parts, r_ce, per_row) if ce_parts else None), _reduce(kd_parts, r_kd, per_row)
 
 

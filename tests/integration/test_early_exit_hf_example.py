@@ -185,7 +185,9 @@ def test_tiny_run_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert r["config"]["tiny"] is True
     layerskip = json.loads((out / "layerskip_seed0.json").read_text())
     assert layerskip["weights"]["values"] == pytest.approx([0.0, 0.25, 0.75])  # all exits on by the end
-    assert ee.main(["--report", "--out", str(out)]) == 0
+    png = tmp_path / "runs.png"
+    assert ee.main(["--report", "--out", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     table = capsys.readouterr().out
     header = next(line for line in table.splitlines() if line.startswith("| |"))
     assert [m for m in methods if m in header] == list(methods)
