@@ -521,8 +521,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--exits", type=_int_list, default=[2, 4, 6], help="early exits (decoder layers before each)")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=300,
-                   help="default sized for ~40 min of 4 methods x 3 seeds in two one-thread processes (docs/lm.md)")
+    p.add_argument("--steps", type=int, default=400,
+                   help="default: about 50 min for 4 methods x 3 seeds in two one-thread processes (docs/lm.md)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5 %% of --steps)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=2.0)

@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import _ext_spec as spec
+from ._atomic import write_text_atomic
 
 if TYPE_CHECKING:
     from filelock import FileLock
@@ -292,23 +293,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all (a temporary file renamed over it), without group or other
-    write permission."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_manifest(entry: Path) -> Path:
     """Record the size and SHA-256 of the library in the cache entry ``entry`` (at build time)."""
     library = _find_library(entry)
@@ -317,7 +301,7 @@ def write_manifest(entry: Path) -> Path:
     record = {"library": library.relative_to(entry).as_posix(), "size": library.stat().st_size,
               "sha256": _sha256(library)}
     path = entry / MANIFEST
-    _write_atomic(path, json.dumps(record, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
     return path
 
 
@@ -418,7 +402,7 @@ def _compile(csrc: Path, target: Path, failure_log: Path) -> Extension:
         library = _find_library(work / "lib")
         if proc.returncode != 0 or library is None:
             tail = "\n".join(output.strip().splitlines()[-25:])
-            _write_atomic(failure_log, output)
+            write_text_atomic(failure_log, output)
             return _failed(f"compiling hdkd_fast._C failed (log: {failure_log}); the compiler's last lines:\n{tail}")
         (work / "lib" / "build.log").write_text(output)
         _seal(work / "lib")

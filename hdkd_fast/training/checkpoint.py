@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
+from .._atomic import temporary_prefix, write_atomic
 from .._validation import check_count, check_nonnegative
 from ..distill import GradientEquilibrium
 from ..models.base import MultiExitModule
@@ -47,30 +47,17 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     with writing(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(obj, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(target, lambda fh: torch.save(obj, fh), mode=0o600)
     return target
 
 
 def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     """Delete the temporary files that a killed :func:`save_atomic` of ``path`` left behind; returns them."""
     target = Path(path)
-    stale = sorted(target.parent.glob(f"{_temporary_prefix(target)}*.tmp"))
+    stale = sorted(target.parent.glob(f"{temporary_prefix(target)}*.tmp"))
     for leftover in stale:
         leftover.unlink(missing_ok=True)
     return stale
-
-
-def _temporary_prefix(target: Path) -> str:
-    return f".{target.name}."
 
 
 @contextlib.contextmanager

@@ -58,6 +58,7 @@ from typing import Any, Literal, TypedDict
 
 from filelock import FileLock, Timeout
 
+from .._atomic import write_text_atomic
 from .._validation import check_count, is_real
 from ..data.load import dataset_name
 from .checkpoint import CHECKPOINT, load_checkpoint, writing
@@ -264,8 +265,8 @@ def _calibration(root: Path, requests: Mapping[str, TrainConfig], step_cost: Cal
     stored.update({m: measured[m] * scale for m in missing})
     stored_options = {**{m: o for m, o in stored_options.items() if m in stored}, **options}
     with writing(path):
-        path.write_text(json.dumps({"settings": settings, OPTIONS_KEY: stored_options, "step_time_s": stored},
-                                   indent=2, allow_nan=False) + "\n")
+        write_text_atomic(path, json.dumps({"settings": settings, OPTIONS_KEY: stored_options, "step_time_s": stored},
+                                           indent=2, allow_nan=False) + "\n")
     return {m: stored[m] for m in requests}
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._atomic import write_text_atomic
 from .checkpoint import CHECKPOINT, remove_stale_temporaries, writing
 from .config import TrainConfig
 from .report import FINAL_FILE, METRICS_FILE
@@ -33,7 +34,7 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, *, fresh: bool, log: Cal
     if stale:
         log(f"removed {len(stale)} temporary file(s) of an interrupted checkpoint write in {run_dir}")
     with writing(run_dir / CONFIG):
-        (run_dir / CONFIG).write_text(json.dumps(config.to_json(), indent=2) + "\n")
+        write_text_atomic(run_dir / CONFIG, json.dumps(config.to_json(), indent=2) + "\n")
 
 
 class MetricsLog:
@@ -71,7 +72,7 @@ def write_final(run_dir: Path, summary: dict[str, Any]) -> Path:
     """``final.json``: the run's test results (:func:`hdkd_fast.training.final.finish_run`)."""
     path = run_dir / FINAL_FILE
     with writing(path):
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
     return path
 
 

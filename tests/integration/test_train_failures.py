@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -257,32 +258,33 @@ def test_run_directory_that_cannot_be_created(tmp_path: Path, capsys: pytest.Cap
 needs_dev_full = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (ENOSPC on write)")
 
 
-@needs_dev_full
-def test_full_disk_at_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """config.json is a link to /dev/full, where every write fails with ENOSPC: the disk is full."""
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.json").symlink_to("/dev/full")
-    expect_error(capsys, ["train", *FAST, "--method", "ce", "--out", str(out)],
-                 f"cannot write {str(out / 'config.json')!r}: No space left on device")
+def full_disk_for(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The whole-or-nothing writes of the file ``name`` (``tempfile.mkstemp``, then a rename) get a temporary
+    file opened on /dev/full, where every write fails with ENOSPC: the disk is full for that file only."""
+    real_mkstemp = tempfile.mkstemp
 
-
-@needs_dev_full
-def test_full_disk_at_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The checkpoint's temporary file is opened on /dev/full: torch.save meets the kernel's ENOSPC."""
-    out = tmp_path / "run"
-
-    def temporary_on_a_full_disk(prefix: str, suffix: str, dir: Path) -> tuple[int, str]:
+    def mkstemp(prefix: str, suffix: str, dir: Path) -> tuple[int, str]:
+        if prefix != f".{name}.":
+            return real_mkstemp(prefix=prefix, suffix=suffix, dir=dir)
         path = Path(dir) / f"{prefix}full{suffix}"
         path.touch()
         return os.open("/dev/full", os.O_WRONLY), str(path)
 
-    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", temporary_on_a_full_disk)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+@needs_dev_full
+@pytest.mark.parametrize("name", ["config.json", CHECKPOINT])
+def test_full_disk(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.json (before training) and the checkpoint (inside torch.save) meet the kernel's ENOSPC: one
+    line naming the file, the file not there, its temporary file removed."""
+    out = tmp_path / "run"
+    full_disk_for(monkeypatch, name)
     expect_error(capsys, ["train", *FAST, "--method", "ce", "--out", str(out)],
-                 f"cannot write {str(out / CHECKPOINT)!r}: No space left on device")
-    assert not (out / CHECKPOINT).exists()
-    assert not list(out.glob(".checkpoint.pt.*"))  # the temporary file is removed
+                 f"cannot write {str(out / name)!r}: No space left on device")
+    assert not (out / name).exists()
+    assert not list(out.glob(f".{name}.*"))
 
 
 # --- item 12: --resume refuses the options it would ignore ------------------------------------------------

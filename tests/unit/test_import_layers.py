@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "hdkd_fast"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("_version", "_types", "_validation", "_pairs", "_distributed", "_ext_spec", "_ext_loader", "kernels"),
+    ("_version", "_types", "_validation", "_pairs", "_distributed", "_atomic", "_ext_spec", "_ext_loader", "kernels"),
     ("backends", "models", "data"),
     ("_autograd", "inference"),
     ("functional", "modules", "fused_linear", "reference", "evaluation"),
