@@ -216,13 +216,16 @@ class EarlyExitLM(nn.Module):
 
     def exit_hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> list[Tensor]:
         """Each exit's final-normed hidden states ``[B, T, H]`` (the LM head's input), from one decoder run."""
-        base, _, norm, _ = _model_parts(self.model)
+        return self._hidden_and_head(input_ids, attention_mask)[0]
+
+    def _hidden_and_head(self, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[list[Tensor], nn.Linear]:
+        base, _, norm, head = _model_parts(self.model)
         out = base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                    use_cache=False, return_dict=True)
         hidden_states: Any = out.hidden_states
         # hidden_states[E] is the output of the first E layers; the last one (= last_hidden_state) is
         # already normed by the base model, the early ones are not.
-        return [norm(hidden_states[e]) for e in self.exit_layers[:-1]] + [out.last_hidden_state]
+        return [norm(hidden_states[e]) for e in self.exit_layers[:-1]] + [out.last_hidden_state], head
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, *, return_features: bool = False) -> EarlyExitLMOutput | ExitFeatures:
@@ -238,8 +241,7 @@ class EarlyExitLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T]; got shape {tuple(input_ids.shape)}")
         if return_features:
-            _, _, _, head = _model_parts(self.model)
-            hidden = self.exit_hidden_states(input_ids, attention_mask)
+            hidden, head = self._hidden_and_head(input_ids, attention_mask)
             return ExitFeatures([h[:, :-1].reshape(-1, h.shape[-1]) for h in hidden], head.weight, head.bias)
         if labels is None:
             labels = input_ids
@@ -248,8 +250,7 @@ class EarlyExitLM(nn.Module):
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}; "
                              f"got {tuple(attention_mask.shape)}")
-        _, _, _, head = _model_parts(self.model)
-        hidden = self.exit_hidden_states(input_ids, attention_mask)
+        hidden, head = self._hidden_and_head(input_ids, attention_mask)
         target = labels[:, 1:]
         rows: Tensor | None = None
         if attention_mask is not None:
