@@ -192,7 +192,7 @@ def test_tiny_run_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     header = next(line for line in table.splitlines() if line.startswith("| |"))
     assert [m for m in methods if m in header] == list(methods)
     for row in ("eval perplexity, exit 3 (last)", "top-1 agreement with last, exit 1", "drafts accepted, exit 2",
-                "speed-up, exit 1", "tokens/s, plain greedy", "train tokens/s",
+                "speed-up, exit 1", "layer-count speed-up, exit 2 (model)", "tokens/s, plain greedy", "train tokens/s",
                 "outputs differing from plain greedy, exit 2"):
         assert f"| {row}" in table
 
@@ -204,3 +204,10 @@ def test_tiny_run_hdkd(tmp_path: Path) -> None:
     r = json.loads((tmp_path / "hdkd_seed0.json").read_text())
     assert len(r["weights"]["names"]) == len(r["weights"]["values"]) > 0
     assert all(math.isfinite(p) for p in r["eval"]["ppl"])
+
+
+def test_layer_speedup_counts_layers() -> None:
+    """10 tokens from 4 rounds that drafted 8 tokens with 2 of 8 layers: 8 · 2/8 + 4 = 6 full-step costs."""
+    result = {"exit_layers": [2, 8], "generation": {"tokens_generated": 10, "exits": [
+        {"exit": 2, "drafted": 8, "rounds": 4}]}}
+    assert ee.layer_speedup(result, 0) == pytest.approx(10 / 6)
