@@ -12,12 +12,14 @@ Methods, from the same initialization and the same batches for a given seed, Ada
 cosine decay (to 10 % of ``--lr``):
 
 - ``ce_last``: the stock Hugging Face loss, last-layer cross-entropy only (``model(ids, labels=ids).loss``);
+- ``ce_all``: cross-entropy at every exit, each of weight 1, no KD (``EarlyExitLM(..., kd_weight=0.0)``);
 - ``layerskip``: LayerSkip's early-exit loss (arXiv 2404.16710, section 4.2): cross-entropy at every exit,
   no KD, weighted by the normalized per-exit scale :math:`\\tilde e(t, l)` (:func:`layerskip_scale`; deeper
   exits weigh more), with its gradual curriculum (:func:`gradual_curriculum`); no layer dropout;
 - ``dense_kd``: :class:`hdkd_fast.lm.EarlyExitLM` with its defaults: :math:`\\sum_k \\mathrm{CE}_k +
   \\sum_{i<j} T^2 \\mathrm{KL}(p_j \\| p_i)` at T = 2 over every exit pair, through the fused op;
-- ``hdkd``: the same objectives with weights learned by :class:`hdkd_fast.HDKD` (finite-difference
+- ``kd_last``: the same with the last layer the only teacher (``pairs="last"``);
+- ``hdkd``: ``dense_kd``'s objectives with weights learned by :class:`hdkd_fast.HDKD` (finite-difference
   hypergradient on batches of the HDKD-validation part, fetched only on the steps that update the weights).
 
 Per (method, seed) the run writes ``<out>/<method>_seed<seed>.json`` with, on the evaluation part:
@@ -61,7 +63,7 @@ from hdkd_fast.lm import EarlyExitLM
 
 FORTUNES = Path("/usr/share/games/fortunes")
 EOT = "<|endoftext|>"
-METHODS = ("ce_last", "layerskip", "dense_kd", "hdkd")
+METHODS = ("ce_last", "ce_all", "layerskip", "dense_kd", "kd_last", "hdkd")
 DATA_SEED = 0  # the train / HDKD-validation / evaluation split, the same for every run seed
 
 
@@ -317,8 +319,12 @@ def train_one(method: str, seed: int, args: argparse.Namespace, transformers: An
         on = None if args.curriculum == "none" else gradual_curriculum(all_exits, args.layers, 0, args.steps)
         wrapper = EarlyExitLM(model, exit_layers=exits, kd_weight=0.0,
                               ce_weight=layerskip_scale(all_exits, args.layers, args.e_scale, on))
+    elif method == "ce_all":
+        wrapper = EarlyExitLM(model, exit_layers=exits, kd_weight=0.0)
     elif method == "dense_kd":
         wrapper = EarlyExitLM(model, exit_layers=exits, temperature=args.temperature)
+    elif method == "kd_last":
+        wrapper = EarlyExitLM(model, exit_layers=exits, temperature=args.temperature, pairs="last")
     elif method == "hdkd":
         wrapper = EarlyExitLM(model, exit_layers=exits, temperature=args.temperature)
         bilevel = hk.HDKD(wrapper, optimizer, hypergrad="fd", update_every=args.update_every)

@@ -161,11 +161,11 @@ def test_missing_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 @needs_tokenizers
 @needs_fortunes
 def test_tiny_run_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    methods = ("ce_last", "layerskip", "dense_kd")
+    methods = ("ce_last", "ce_all", "layerskip", "dense_kd", "kd_last")
     out = tmp_path / "runs"
     # two "processes" writing into one --out, as the real measurement runs
     assert ee.main(["--tiny", "--out", str(out), "--methods", "ce_last,layerskip", "--seeds", "0"]) == 0
-    assert ee.main(["--tiny", "--out", str(out), "--methods", "dense_kd", "--seeds", "0"]) == 0
+    assert ee.main(["--tiny", "--out", str(out), "--methods", "dense_kd,kd_last,ce_all", "--seeds", "0"]) == 0
     printed = capsys.readouterr().out
     assert "step     4/4" in printed
     for method in methods:
