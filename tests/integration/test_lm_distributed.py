@@ -13,14 +13,10 @@ import torch.multiprocessing as mp
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-try:
-    import transformers
-except ModuleNotFoundError as err:  # only transformers itself missing skips: a broken import is an error
-    if err.name != "transformers":
-        raise
-    pytest.skip("transformers is not installed (pip install 'hdkd_fast[lm]')", allow_module_level=True)
-
 from hdkd_fast.lm import EarlyExitLM
+from tests.support.hf import require_transformers
+
+transformers = require_transformers()
 
 WORLD, V, T = 2, 97, 8
 

@@ -12,15 +12,10 @@ import torch
 from torch import Tensor, nn
 
 import hdkd_fast as hk
-
-try:
-    import transformers
-except ModuleNotFoundError as err:  # only transformers itself missing skips: a broken import is an error
-    if err.name != "transformers":
-        raise
-    pytest.skip("transformers is not installed (pip install 'hdkd_fast[lm]')", allow_module_level=True)
-
 from hdkd_fast.lm import EarlyExitLM
+from tests.support.hf import require_transformers
+
+transformers = require_transformers()
 
 V, LAYERS = 97, 4
 ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 import hdkd_fast as hk
 from hdkd_fast.lm import EarlyExitLM, next_token_targets
+from tests.support.hf import require_transformers
 
-transformers: Any = pytest.importorskip("transformers", exc_type=ModuleNotFoundError)  # a broken import fails
+transformers = require_transformers()
 
 V = 61
 ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
