@@ -103,7 +103,7 @@ class Objectives(Protocol):
         ...
 
     def weighted(self, output: Any, target: Tensor, weights: LossWeights) -> Tensor:
-        """:math:`\\langle w, l\rangle`, differentiable w.r.t. the output (and the weights for ``"exact"``)."""
+        """:math:`\\langle w, l\\rangle`, differentiable w.r.t. the output (and the weights for ``"exact"``)."""
         ...
 
     def cross_entropy(self, output: Any, target: Tensor) -> Tensor:
@@ -123,9 +123,9 @@ class Objectives(Protocol):
         ...
 
 
-def logits_dtype(logits: Logits) -> torch.dtype:
-    """The dtype of K exits' logits (a stacked tensor or a list)."""
-    return (logits if isinstance(logits, Tensor) else logits[0]).dtype
+def difference_dual(base: Tensor, moved: Tensor, eps: float) -> Tensor:
+    """Inside a ``dual_level``: ``base`` with the one-sided difference ``(moved - base) / eps`` as tangent."""
+    return fwAD.make_dual(base, (moved - base) / eps)
 
 
 class ObjectiveSpec(NamedTuple):
@@ -171,13 +171,13 @@ class ObjectiveSpec(NamedTuple):
         return output.detach() if isinstance(output, Tensor) else [z.detach() for z in output]
 
     def dtype(self, output: Logits) -> torch.dtype:
-        return logits_dtype(output)
+        return (output if isinstance(output, Tensor) else output[0]).dtype
 
     def fd_dual(self, base: Logits, moved: Logits, eps: float) -> Logits:
         if isinstance(base, Tensor):
             assert isinstance(moved, Tensor)
-            return fwAD.make_dual(base, (moved - base) / eps)
-        return [fwAD.make_dual(b, (a - b) / eps) for a, b in zip(moved, base, strict=True)]
+            return difference_dual(base, moved, eps)
+        return [difference_dual(b, m, eps) for b, m in zip(base, moved, strict=True)]
 
 
 class InnerRule(NamedTuple):

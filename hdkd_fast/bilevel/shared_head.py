@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .._pairs import PairSpec
 from .._types import ExitFeatures, KDLosses, LossWeights
 from ..fused_linear import FusedLinearDenseKD, fused_linear_dense_kd
+from .hypergrad import difference_dual
 
 
 def check_features(output: object, num_exits: int) -> ExitFeatures:
@@ -93,9 +93,6 @@ class SharedHeadObjectives:
         return output.hidden[0].dtype
 
     def fd_dual(self, base: ExitFeatures, moved: ExitFeatures, eps: float) -> ExitFeatures:
-        def dual(b: Tensor, m: Tensor) -> Tensor:
-            return fwAD.make_dual(b, (m - b) / eps)
-
-        bias = None if base.bias is None or moved.bias is None else dual(base.bias, moved.bias)
-        return ExitFeatures([dual(b, m) for b, m in zip(base.hidden, moved.hidden, strict=True)],
-                            dual(base.weight, moved.weight), bias)
+        bias = None if base.bias is None or moved.bias is None else difference_dual(base.bias, moved.bias, eps)
+        return ExitFeatures([difference_dual(b, m, eps) for b, m in zip(base.hidden, moved.hidden, strict=True)],
+                            difference_dual(base.weight, moved.weight, eps), bias)
