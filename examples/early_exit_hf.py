@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -423,29 +424,30 @@ def report(out: Path) -> str:
     first = runs[methods[0]][0]
     exit_layers = first["exit_layers"]
     g = first["generation"]
-    # (row name, path of keys into a result, multiplier, format)
-    rows: list[tuple[str, tuple[Any, ...], float, str]] = []
+    # (row name, the value of one run's result, format)
+    rows: list[tuple[str, Callable[[dict[str, Any]], float], str]] = []
+
+    def at(*keys: Any, scale: float = 1.0) -> Callable[[dict[str, Any]], float]:
+        def value(r: Any) -> float:
+            for key in keys:
+                r = r[key]
+            return scale * float(r)
+        return value
+
     for i, e in enumerate(exit_layers):
         last = " (last)" if i == len(exit_layers) - 1 else ""
-        rows.append((f"eval perplexity, exit {e}{last}", ("eval", "ppl", i), 1.0, ".2f"))
+        rows.append((f"eval perplexity, exit {e}{last}", at("eval", "ppl", i), ".2f"))
     for i, e in enumerate(exit_layers[:-1]):
-        rows.append((f"top-1 agreement with last, exit {e} (%)", ("eval", "agreement", i), 100.0, ".1f"))
+        rows.append((f"top-1 agreement with last, exit {e} (%)", at("eval", "agreement", i, scale=100.0), ".1f"))
     for i, e in enumerate(exit_layers[:-1]):
-        rows += [(f"drafts accepted, exit {e} (%)", ("generation", "exits", i, "acceptance"), 100.0, ".1f"),
-                 (f"tokens/s, assistant_early_exit={e}", ("generation", "exits", i, "tokens_per_s"), 1.0, ".1f"),
-                 (f"speed-up, exit {e}", ("generation", "exits", i, "speedup"), 1.0, ".3f"),
-                 (f"layer-count speed-up, exit {e} (model)", ("generation", "exits", i, "layer_speedup"), 1.0, ".3f")]
-    rows += [("tokens/s, plain greedy", ("generation", "plain_tokens_per_s"), 1.0, ".1f"),
-             ("train time (s)", ("train", "seconds"), 1.0, ".0f"),
-             ("train tokens/s", ("train", "tokens_per_s"), 1.0, ".0f"),
-             ("final train loss (own objective)", ("train", "final_loss"), 1.0, ".3f")]
-
-    def get(r: Any, keys: tuple[Any, ...], scale: float) -> float:
-        if keys[-1] == "layer_speedup":
-            return scale * layer_speedup(r, keys[2])
-        for key in keys:
-            r = r[key]
-        return scale * float(r)
+        rows += [(f"drafts accepted, exit {e} (%)", at("generation", "exits", i, "acceptance", scale=100.0), ".1f"),
+                 (f"tokens/s, assistant_early_exit={e}", at("generation", "exits", i, "tokens_per_s"), ".1f"),
+                 (f"speed-up, exit {e}", at("generation", "exits", i, "speedup"), ".3f"),
+                 (f"layer-count speed-up, exit {e} (model)", functools.partial(layer_speedup, i=i), ".3f")]
+    rows += [("tokens/s, plain greedy", at("generation", "plain_tokens_per_s"), ".1f"),
+             ("train time (s)", at("train", "seconds"), ".0f"),
+             ("train tokens/s", at("train", "tokens_per_s"), ".0f"),
+             ("final train loss (own objective)", at("train", "final_loss"), ".3f")]
 
     lines = [f"{first['train']['steps']} steps of {first['train']['tokens'] // first['train']['steps']} tokens; "
              f"eval: {first['eval']['tokens']} tokens; generation: {g['prompts']} prompts of {g['prompt_tokens']} "
@@ -454,8 +456,8 @@ def report(out: Path) -> str:
     seeds = {m: ", ".join(str(r["seed"]) for r in runs[m]) for m in methods}
     lines.append("| | " + " | ".join(f"{m} (seeds {seeds[m]})" for m in methods) + " |")
     lines.append("|---|" + "---|" * len(methods))
-    for name, keys, scale, fmt in rows:
-        cells = [_mean_std([get(r, keys, scale) for r in runs[m]], fmt) for m in methods]
+    for name, value, fmt in rows:
+        cells = [_mean_std([value(r) for r in runs[m]], fmt) for m in methods]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for i, e in enumerate(exit_layers[:-1]):
         cells = []
