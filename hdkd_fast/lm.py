@@ -240,25 +240,23 @@ class EarlyExitLM(nn.Module):
         not read, and padding positions stay in (give their labels ``ignore_index``)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T]; got shape {tuple(input_ids.shape)}")
-        if return_features:
-            hidden, head = self._hidden_and_head(input_ids, attention_mask)
-            return ExitFeatures([h[:, :-1].reshape(-1, h.shape[-1]) for h in hidden], head.weight, head.bias)
         if labels is None:
             labels = input_ids
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}; "
-                             f"got {tuple(attention_mask.shape)}")
+        if not return_features:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}; "
+                                 f"got {tuple(labels.shape)}")
+            if attention_mask is not None and attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}; "
+                                 f"got {tuple(attention_mask.shape)}")
         hidden, head = self._hidden_and_head(input_ids, attention_mask)
-        target = labels[:, 1:]
-        rows: Tensor | None = None
+        exits = [h[:, :-1].reshape(-1, h.shape[-1]) for h in hidden]  # position t predicts labels[:, t + 1]
+        if return_features:
+            return ExitFeatures(exits, head.weight, head.bias)
+        target = next_token_targets(labels)
         if attention_mask is not None:
-            target = target.masked_fill(attention_mask[:, 1:] == 0, self.criterion.ignore_index)
-            rows = (attention_mask[:, :-1] != 0).reshape(-1)
-        target = target.reshape(-1)
-        exits = [h[:, :-1].reshape(-1, h.shape[-1]) for h in hidden]
-        if rows is not None:
+            target = target.masked_fill(next_token_targets(attention_mask) == 0, self.criterion.ignore_index)
+            rows = attention_mask[:, :-1].reshape(-1) != 0
             exits = [h[rows] for h in exits]
             target = target[rows]
         loss, losses = self.criterion.loss_and_losses(exits, head.weight, target, head.bias)
