@@ -7,9 +7,9 @@
 #   a 5 000-image training subset, 5 epochs, seeds 0 and 1 (`hdkd-fast compare`, two one-thread processes
 #   side by side sharing the six runs), tested on the 10 000 official test images. Its budget plot
 #   (compare_budget.png: accuracy against compute) rises with compute for every method.
-#   Measured from a fresh clone on a 2-vCPU Intel Xeon VM (AVX-512), 2026-12-07: 3.9 min in all with
+#   Measured from a fresh clone on a 2-vCPU Intel Xeon VM (AVX-512), 2026-12-07: 3.8-3.9 min in all with
 #   nothing else running (set-up with a new .venv and the kernels compiled, then the comparison at 29-32 s
-#   of training per run); 6.7 and 8.4 min while other jobs kept the load average at 5-6. A rerun sets up
+#   of training per run, 28-32 s at 20:02 UTC); 6.7 and 8.4 min while other jobs kept the load average at 5-6. A rerun sets up
 #   again (pip reinstalls the package and recompiles the kernels).
 # - Without it: the embedded digits (scikit-learn's 8×8 handwritten digits, nothing to download), one run
 #   per method, about 1 min of training (measured under the same load). Only 360 test images (one image
